@@ -1,0 +1,3 @@
+"""Fairseq-free Graphormer-lineage data infrastructure: featurize -> paths -> LMDB -> collate."""
+
+__version__ = "0.1.0"

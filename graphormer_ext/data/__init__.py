@@ -1,0 +1,1 @@
+"""Datasets, record codec, LMDB reader/writer and the collator."""

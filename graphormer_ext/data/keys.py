@@ -1,0 +1,74 @@
+"""Record keys, index conventions, pad values and the LMDB schema version: the data layer's public API.
+
+Every record in an LMDB split is a dict of numpy arrays under the keys below. Indices are stored
+**model-ready**: the Graphormer/Transformer-M offsets are applied once, in
+:mod:`graphormer_ext.featurize.graph`, so that ``0`` always means padding and the collator only pads.
+
+Offsets (OGB raw feature value ``v`` of feature ``f``; Transformer-M spec §1.2, §3.3):
+
+========================  ===========================  ==========================================
+key                       stored value                 relation to the official pipeline
+========================  ===========================  ==========================================
+``x``                     ``v + 2 + 512*f``            ``convert_to_single_emb`` (+1) + collator (+1)
+``in_degree``             ``degree + 1``               collator +1 (``out_degree`` is the same array)
+``spatial_pos``           ``spd + 1`` (511 = unreach.) collator +1
+``attn_edge_type``        ``v + 2 + 512*f``; 0 = none   ``preprocess_item`` (no collator shift)
+``edge_input``            ``v + 3 + 512*f``; 1 = hop   ``gen_edge_input`` + collator +1; 0 = padding
+                          without a bond (legacy path)  or unused hop
+``pos``                   float32 Å                    absent = no 3D (collated as zeros)
+``y``                     float32 targets              NaN = label not available (hidden test)
+========================  ===========================  ==========================================
+
+``node_type_edge`` is not stored: the collator derives it from ``x[:, 0]`` (``x0 + 1`` and ``x0 + 513``,
+padding ``(1, 513)``), exactly as ``collator_3d`` does.
+"""
+
+# --- record keys (stored) -------------------------------------------------------------------------
+X = "x"  # int16 [N, 9]
+DEGREE = "in_degree"  # int16 [N]
+SPATIAL_POS = "spatial_pos"  # int16 [N, N]
+ATTN_EDGE_TYPE = "attn_edge_type"  # int16 [N, N, 3]
+EDGE_INPUT = "edge_input"  # int16 [N, N, Hmax, 3], Hmax <= max_hops of the split (meta)
+POS = "pos"  # float32 [N, 3], optional
+Y = "y"  # float32 [T]
+
+STORED_KEYS = (X, DEGREE, SPATIAL_POS, ATTN_EDGE_TYPE, EDGE_INPUT)  # required in every record
+OPTIONAL_KEYS = (POS, Y)
+
+# --- batch keys (collated, in addition to the stored ones) -----------------------------------------
+OUT_DEGREE = "out_degree"  # int64 [B, N], same values as in_degree
+ATTN_BIAS = "attn_bias"  # float32 [B, N+1, N+1], 0 real keys / -inf padded keys
+NODE_TYPE_EDGE = "node_type_edge"  # int64 [B, N, N, 2]
+IDX = "idx"  # int64 [B], index within the split
+
+# --- vocabularies and offsets --------------------------------------------------------------------
+FEATURE_OFFSET = 512  # per-feature stride of the shared vocabulary (convert_to_single_emb)
+NUM_ATOM_FEATURES = 9
+NUM_BOND_FEATURES = 3
+X_SHIFT = 2  # stored x = raw + X_SHIFT + FEATURE_OFFSET * f
+EDGE_TYPE_SHIFT = 2  # stored attn_edge_type = raw + EDGE_TYPE_SHIFT + FEATURE_OFFSET * f
+EDGE_INPUT_SHIFT = 3  # stored edge_input (bond hop) = raw + EDGE_INPUT_SHIFT + FEATURE_OFFSET * f
+EDGE_INPUT_NO_BOND = 1  # legacy path convention: a hop read from a non-bonded pair
+DEGREE_SHIFT = 1
+SPATIAL_SHIFT = 1
+NODE_TYPE_I_SHIFT = 1  # node_type_edge[..., 0] = x[:, 0] + 1
+NODE_TYPE_J_SHIFT = 1 + FEATURE_OFFSET  # node_type_edge[..., 1] = x[:, 0] + 513
+
+NUM_ATOMS_VOCAB = FEATURE_OFFSET * NUM_ATOM_FEATURES  # 4608; embedding has +1 rows
+NUM_EDGES_VOCAB = FEATURE_OFFSET * NUM_BOND_FEATURES  # 1536
+NUM_DEGREE_VOCAB = 512
+NUM_SPATIAL_VOCAB = 512
+MAX_DEGREE = NUM_DEGREE_VOCAB - 1 - DEGREE_SHIFT  # larger degrees cannot be embedded
+
+PAD = 0  # pad value of every integer key
+
+# --- LMDB ----------------------------------------------------------------------------------------
+SCHEMA_VERSION = 1
+META_KEY = b"__meta__"
+PATH_CONVENTIONS = ("fixed", "legacy")  # "legacy" = released Transformer-M "atom 0" paths
+# Reserved sidecar record (codec-encoded, written just before ``__meta__``): per kept record, in key
+# order, the atom count (``sizes``, for ``--max-tokens`` batching without decoding records) and the
+# record's index in the source split (``source_index``; skipped molecules leave no hole in the keys).
+INDEX_KEY = b"__index__"
+SIZES = "sizes"  # int64 [num_entries]
+SOURCE_INDEX = "source_index"  # int64 [num_entries]

@@ -1,0 +1,1 @@
+"""Molecule -> dict of numpy arrays (pure functions; RDKit adapters)."""

@@ -1,0 +1,1 @@
+"""Readers of official on-disk dataset layouts, each yielding :class:`SourceRecord` items."""

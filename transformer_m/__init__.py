@@ -1,0 +1,1 @@
+"""Transformer-M (ICLR 2023) as a fairseq plugin."""
