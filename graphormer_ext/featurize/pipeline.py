@@ -1,0 +1,124 @@
+"""Worker-side glue: one :class:`SourceRecord` -> one model-ready record (numpy)."""
+from __future__ import annotations
+
+import numpy as np
+
+from graphormer_ext.featurize.molecules import (
+    heavy_formula,
+    mol_from_molblock,
+    mol_from_smiles,
+    mol_from_xyz,
+    positions,
+    smiles_heavy_formula,
+)
+from graphormer_ext.featurize.ogb_features import FEATURIZER_VERSION, mol_to_graph
+from graphormer_ext.sources.base import KINDS, MoleculeError, SourceError, SourceRecord
+
+__all__ = ["FEATURIZER_VERSION", "featurize_record", "parse_record"]
+
+
+def parse_record(rec: SourceRecord, *, remove_hs: bool = True):
+    """Parse a record's text into a sanitized RDKit molecule according to ``rec.kind``.
+
+    Args:
+        rec: the raw record.
+        remove_hs: drop hydrogens of MOL/XYZ input (SMILES hydrogens are implicit
+            already).
+
+    Returns:
+        ``rdkit.Chem.Mol``.
+
+    Raises:
+        MoleculeError: the molecule cannot be parsed.
+        ValueError: an unknown ``rec.kind``.
+    """
+    if rec.kind == "smiles":
+        return mol_from_smiles(rec.text, rec.item)
+    if rec.kind == "molblock":
+        return mol_from_molblock(rec.text, rec.item, remove_hs=remove_hs)
+    if rec.kind == "xyz":
+        return mol_from_xyz(
+            rec.text,
+            rec.item,
+            charge=rec.charge,
+            template_smiles=rec.template_smiles,
+            remove_hs=remove_hs,
+        )
+    raise ValueError(
+        f"{rec.item}: unknown record kind {rec.kind!r}; expected one of {KINDS}"
+    )
+
+
+def featurize_record(
+    rec: SourceRecord,
+    *,
+    max_hops: int = 5,
+    path_convention: str = "fixed",
+    max_atoms: int | None = None,
+    remove_hs: bool = True,
+) -> dict[str, np.ndarray]:
+    """Featurize one raw molecule into its stored LMDB record (picklable for pools).
+
+    Steps: parse by ``rec.kind``; check the heavy-atom formula against
+        ``rec.check_smiles`` if set;
+    reject empty and oversized molecules; OGB features (:func:`mol_to_graph`); positions
+    if ``rec.use_3d``; then :func:`graphormer_ext.featurize.graph.graph_to_record`
+    (offsets, shortest paths). Single atoms and disconnected fragments are kept.
+
+    Args:
+        rec: the raw record.
+        max_hops: longest shortest path whose edges are stored in ``edge_input``.
+        path_convention: ``"fixed"`` or ``"legacy"`` (see
+            :mod:`graphormer_ext.data.keys`).
+        max_atoms: largest accepted number of (heavy) atoms; ``None`` accepts any.
+        remove_hs: drop hydrogens of MOL/XYZ input.
+
+    Returns:
+        dict keyed by :mod:`graphormer_ext.data.keys` constants (``pos`` only with
+        ``use_3d``, ``y`` as given by the record).
+
+    Raises:
+        MoleculeError: this molecule is unusable (skip it and list it with the reason).
+        SourceError: ``rec.check_smiles`` has a different heavy-atom formula, i.e. the
+            dataset is misaligned (stop the run).
+    """
+    mol = parse_record(rec, remove_hs=remove_hs)
+    if rec.check_smiles is not None:
+        got = heavy_formula(mol)
+        want = smiles_heavy_formula(rec.check_smiles, rec.item)
+        if got != want:
+            raise SourceError(
+                f"{rec.item}: the {rec.kind} molecule has heavy-atom formula {got} but "
+                f"its SMILES {rec.check_smiles!r} has {want}: the structure file is "
+                "not aligned with the CSV rows"
+            )
+    n = mol.GetNumAtoms()
+    if n == 0:
+        raise MoleculeError(rec.item, "empty molecule (no heavy atoms)")
+    if max_atoms is not None and n > max_atoms:
+        raise MoleculeError(
+            rec.item,
+            f"{n} atoms is more than the maximum N = {max_atoms}; raise --max-atoms or "
+            "accept the skip (the molecule is listed and not written)",
+        )
+    graph = mol_to_graph(mol, rec.item)
+    pos = None
+    if rec.use_3d:
+        if rec.kind == "smiles":
+            raise ValueError(
+                f"{rec.item}: use_3d needs a molblock or xyz record, not SMILES"
+            )
+        pos = positions(mol, rec.item)
+    y = np.asarray(rec.y, dtype=np.float32).reshape(-1)
+    # Imported here: graph.py loads the compiled extension, not needed for parsing.
+    from graphormer_ext.featurize.graph import graph_to_record
+
+    return graph_to_record(
+        graph["node_feat"],
+        graph["edge_index"],
+        graph["edge_attr"],
+        pos=pos,
+        y=y,
+        max_hops=max_hops,
+        path_convention=path_convention,
+    )
