@@ -100,7 +100,7 @@ def mol_from_molblock(block: str, item: str, remove_hs: bool = True):
 def _graph_key(mol) -> str:
     """Canonical heavy-atom SMILES without stereo: bond graph, elements and charges."""
     Chem, _ = _rdkit()
-    return Chem.MolToSmiles(Chem.RemoveHs(mol), isomericSmiles=False)
+    return Chem.MolToSmiles(Chem.RemoveAllHs(mol), isomericSmiles=False)
 
 
 def mol_from_xyz(
@@ -166,7 +166,7 @@ def mol_from_xyz(
             rdDetermineBonds.DetermineBonds(mol, charge=charge)
             Chem.SanitizeMol(mol)
             if template is None or _graph_key(mol) == template_key:
-                return Chem.RemoveHs(mol) if remove_hs else mol
+                return Chem.RemoveAllHs(mol) if remove_hs else mol
             failures.append(
                 f"DetermineBonds gave {_graph_key(mol)!r}, template is {template_key!r}"
             )
@@ -194,7 +194,7 @@ def mol_from_xyz(
             Chem.SanitizeMol(assigned)
             Chem.AssignStereochemistryFrom3D(assigned)
             if _graph_key(assigned) == template_key:
-                return Chem.RemoveHs(assigned) if remove_hs else assigned
+                return Chem.RemoveAllHs(assigned) if remove_hs else assigned
             failures.append(f"template fallback gave {_graph_key(assigned)!r}")
         except Exception as e:  # no substructure match, valence errors
             failures.append(f"template fallback failed ({e})")
