@@ -1,0 +1,548 @@
+"""Write one split to one LMDB file: parallel featurization, chunked commits, meta last.
+
+Layout of a split file (``subdir=False``; schema :data:`keys.SCHEMA_VERSION`):
+
+- ``b"0" .. b"<n-1>"``: ASCII decimal keys, contiguous over the *kept* molecules, each a
+  record encoded with :func:`graphormer_ext.data.codec.encode` (``dict[str,
+  np.ndarray]`` under :mod:`keys` names);
+- :data:`keys.INDEX_KEY`: a codec record with :data:`keys.SIZES` (atom counts) and
+  :data:`keys.SOURCE_INDEX` (position of each kept record in the source split), both
+  int64 ``[n]``;
+- :data:`keys.META_KEY` (written last): JSON with ``schema_version``, ``num_entries``,
+  the featurization settings, counts, source name/checksum/description and statistics.
+
+The file is built under ``<path>.tmp-<pid>`` and renamed to ``<path>`` only on success,
+so a crash never leaves a half-written file at the final name. Molecules that cannot be
+used (:class:`MoleculeError`) are counted and listed, with the reason, in
+``<split>.skipped.tsv`` beside the LMDB; a :class:`SourceError` aborts the run.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import itertools
+import logging
+import math
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import lmdb
+import numpy as np
+
+from graphormer_ext.data import codec
+from graphormer_ext.data import keys as K
+from graphormer_ext.sources.base import MoleculeError, Source, SourceError, SourceRecord
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["write_split", "skip_list_path", "WriteError"]
+
+_INITIAL_MAP_SIZE = 1 << 30  # grows by doubling on MapFullError
+_OK, _SKIP, _FATAL, _ERROR = 0, 1, 2, 3
+
+
+class WriteError(RuntimeError):
+    """An unexpected failure while featurizing or writing (a bug, not a bad input)."""
+
+
+def skip_list_path(path: str | os.PathLike) -> Path:
+    """Path of the skip list beside an LMDB split: ``<dir>/<split>.skipped.tsv``."""
+    p = Path(path)
+    stem = p.name[: -len(".lmdb")] if p.name.endswith(".lmdb") else p.name
+    return p.with_name(stem + ".skipped.tsv")
+
+
+# --- worker side ----------------------------------------------------------------------
+_WORKER_CFG: dict[str, Any] = {}
+
+
+def _init_worker(featurize: Callable | None, kwargs: dict) -> None:
+    _WORKER_CFG["featurize"] = featurize
+    _WORKER_CFG["kwargs"] = kwargs
+
+
+def _default_featurize() -> Callable:
+    # imported in the workers only: RDKit is needed only where molecules are parsed
+    from graphormer_ext.featurize.pipeline import featurize_record
+
+    return featurize_record
+
+
+def _process_one(item: Any, featurize: Callable | None, kwargs: dict) -> tuple:
+    """Featurize (for a :class:`SourceRecord`) and encode one item.
+
+    Returns ``(_OK, bytes, n_atoms, has_pos, y, hops)`` or ``(_SKIP | _FATAL | _ERROR,
+    item, reason)``.
+    """
+    name = item.item if isinstance(item, SourceRecord) else "record"
+    try:
+        if isinstance(item, SourceRecord):
+            if featurize is None:
+                featurize = _default_featurize()
+                _WORKER_CFG["featurize"] = featurize
+            rec = featurize(item, **kwargs)
+        elif isinstance(item, dict):
+            rec = item
+        else:
+            raise TypeError(
+                f"expected a SourceRecord or a record dict, got {type(item).__name__}"
+            )
+        missing = [k for k in K.STORED_KEYS if k not in rec]
+        if missing:
+            raise KeyError(f"featurized record lacks required keys {missing}")
+        buf = codec.encode(rec)
+        y = rec.get(K.Y)
+        y = (
+            np.asarray(y, dtype=np.float64).reshape(-1)
+            if y is not None
+            else np.zeros(0)
+        )
+        hops = int(rec[K.EDGE_INPUT].shape[2]) if rec[K.EDGE_INPUT].ndim == 4 else 0
+        return (_OK, buf, int(rec[K.X].shape[0]), K.POS in rec, y, hops)
+    except MoleculeError as exc:
+        return (_SKIP, exc.item, exc.reason)
+    except SourceError as exc:
+        return (_FATAL, name, str(exc))
+    except Exception as exc:  # noqa: BLE001 - reported with the item; the run stops
+        return (_ERROR, name, f"{type(exc).__name__}: {exc}")
+
+
+def _work_chunk(chunk: list) -> list[tuple]:
+    featurize = _WORKER_CFG.get("featurize")
+    kwargs = _WORKER_CFG.get("kwargs", {})
+    return [_process_one(it, featurize, kwargs) for it in chunk]
+
+
+# --- statistics -----------------------------------------------------------------------
+class _Stats:
+    """Running statistics of kept records (float64 sums; std with ddof=1 like torch)."""
+
+    def __init__(self) -> None:
+        self.atoms_sum = 0
+        self.atoms_max = 0
+        self.with_pos = 0
+        self.hops_max = 0
+        self.y_sum: np.ndarray | None = None
+        self.y_sq = None
+        self.y_n = None
+        self.num_targets: int | None = None
+
+    def add(self, n_atoms: int, has_pos: bool, y: np.ndarray, hops: int) -> None:
+        self.atoms_sum += n_atoms
+        self.atoms_max = max(self.atoms_max, n_atoms)
+        self.with_pos += bool(has_pos)
+        self.hops_max = max(self.hops_max, hops)
+        if self.y_sum is None:
+            self.num_targets = y.size
+            self.y_sum = np.zeros(y.size)
+            self.y_sq = np.zeros(y.size)
+            self.y_n = np.zeros(y.size, dtype=np.int64)
+        if y.size != self.num_targets:
+            raise SourceError(
+                "records have different numbers of targets "
+                f"({self.num_targets} and {y.size})"
+            )
+        finite = np.isfinite(y)
+        v = np.where(finite, y, 0.0)
+        self.y_sum += v
+        self.y_sq += v * v
+        self.y_n += finite
+
+    def to_meta(self, kept: int) -> dict:
+        out: dict[str, Any] = {
+            "num_atoms_mean": (self.atoms_sum / kept) if kept else None,
+            "num_atoms_max": self.atoms_max,
+            "with_pos": self.with_pos,
+            "edge_input_hops_max": self.hops_max,
+            "num_targets": self.num_targets or 0,
+        }
+        if self.y_sum is not None and self.num_targets:
+            n = self.y_n.astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = self.y_sum / n
+                var = (self.y_sq - n * mean * mean) / (n - 1)
+            out["y_count"] = [int(c) for c in self.y_n]
+            out["y_mean"] = [
+                float(m) if c > 0 else None for m, c in zip(mean, self.y_n)
+            ]
+            out["y_std"] = [
+                float(math.sqrt(max(v, 0.0))) if c > 1 else None
+                for v, c in zip(var, self.y_n)
+            ]
+        return out
+
+
+# --- writer ---------------------------------------------------------------------------
+class _LMDBSink:
+    """Buffered puts into a fresh LMDB file, committed in chunks; grows a full map."""
+
+    def __init__(self, path: Path, map_size: int):
+        self.path = path
+        self.map_size = map_size
+        self.env = lmdb.open(
+            str(path),
+            subdir=False,
+            map_size=map_size,
+            lock=False,
+            readahead=False,
+            meminit=False,
+            sync=False,
+            metasync=False,
+            max_dbs=0,
+        )
+        self.buffer: list[tuple[bytes, bytes]] = []
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.buffer.append((key, value))
+
+    def commit(self) -> None:
+        if not self.buffer:
+            return
+        while True:
+            txn = self.env.begin(write=True)
+            try:
+                for key, value in self.buffer:
+                    txn.put(key, value, overwrite=True)
+                txn.commit()
+                break
+            except lmdb.MapFullError:
+                txn.abort()
+                self.map_size *= 2
+                logger.debug(
+                    "LMDB map full; growing map_size to %d bytes", self.map_size
+                )
+                self.env.set_mapsize(self.map_size)
+            except BaseException:
+                txn.abort()
+                raise
+        self.buffer.clear()
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.sync(True)
+            self.env.close()
+            self.env = None
+
+
+def _featurizer_version() -> str | None:
+    import importlib
+
+    for module in (
+        "graphormer_ext.featurize.pipeline",
+        "graphormer_ext.featurize.ogb_features",
+    ):
+        try:
+            version = getattr(
+                importlib.import_module(module), "FEATURIZER_VERSION", None
+            )
+        except Exception:  # noqa: BLE001 - no RDKit: pre-featurized records only
+            continue
+        if version is not None:
+            return str(version)
+    return None
+
+
+def _package_version() -> str:
+    import graphormer_ext
+
+    return str(getattr(graphormer_ext, "__version__", "unknown"))
+
+
+def _batched(it: Iterable, n: int) -> Iterable[list]:
+    it = iter(it)
+    while True:
+        chunk = list(itertools.islice(it, n))
+        if not chunk:
+            return
+        yield chunk
+
+
+def write_split(
+    path: str | os.PathLike,
+    records: Iterable[SourceRecord | dict] | Source,
+    *,
+    split: str | None = None,
+    source: Source | None = None,
+    source_checksum: str | None = None,
+    max_hops: int = 5,
+    path_convention: str = "fixed",
+    max_atoms: int | None = None,
+    remove_hs: bool = True,
+    featurize: Callable | None = None,
+    workers: int | None = None,
+    chunksize: int | None = None,
+    commit_every: int = 2000,
+    limit: int | None = None,
+    total: int | None = None,
+    overwrite: bool = False,
+    map_size: int = _INITIAL_MAP_SIZE,
+    progress: bool = True,
+    extra_meta: dict | None = None,
+) -> dict:
+    """Featurize and write one split to ``path`` (a single LMDB file).
+
+    Args:
+        path: output file, conventionally ``<out>/<split>.lmdb``.
+        records: the split's items in order: :class:`SourceRecord` items (featurized in
+            the workers by ``featurize``) and/or featurized record dicts (encoded as
+            they are). A :class:`Source` may be passed instead, together with
+            ``split``.
+        split: split name (meta, skip list, messages); taken from the first SourceRecord
+            if omitted.
+        source: the dataset reader, for the meta record (name, checksum,
+            ``describe()``).
+        source_checksum: precomputed ``source.checksum()`` (hashing large inputs once
+            per run).
+        max_hops: maximum stored path length of ``edge_input`` (passed to
+            ``featurize``).
+        path_convention: ``"fixed"`` or ``"legacy"`` shortest-path edge reconstruction.
+        max_atoms: molecules with more atoms are skipped by ``featurize``; ``None`` = no
+            limit.
+        remove_hs: drop explicit hydrogens while featurizing.
+        featurize: ``featurize(rec, *, max_hops, path_convention, max_atoms, remove_hs)
+            -> dict``; defaults to
+            :func:`graphormer_ext.featurize.pipeline.featurize_record`. Must be
+            picklable (a module-level function) when ``workers > 1``.
+        workers: worker processes (default: all cores); ``<= 1`` featurizes in this
+            process.
+        chunksize: records per worker task (default: tuned from ``total`` and
+            ``workers``).
+        commit_every: records per LMDB write transaction.
+        limit: keep only the first ``limit`` items of the split (demos).
+        total: number of items expected (progress bar only).
+        overwrite: replace an existing ``path``; otherwise refuse (``--overwrite`` on
+            the CLI).
+        map_size: initial LMDB map size in bytes; doubled whenever the map is full.
+        progress: show a tqdm progress bar.
+        extra_meta: more JSON-able entries for the meta record.
+
+    Returns:
+        The meta dict written under :data:`keys.META_KEY`.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+        SourceError: the dataset is unusable; nothing is written at ``path``.
+        WriteError: an unexpected error while featurizing an item (names the item).
+    """
+    if path_convention not in K.PATH_CONVENTIONS:
+        raise ValueError(
+            f"path_convention must be one of {K.PATH_CONVENTIONS}, "
+            f"got {path_convention!r}"
+        )
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{path} already exists; pass --overwrite (overwrite=True) to replace it"
+        )
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{path} is a directory; a split is written to a single file"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(records, Source):
+        if split is None:
+            raise ValueError("write_split(path, source, ...) needs split=")
+        source = source or records
+        if total is None:
+            total = records.splits().get(split)
+        records = records.iter_split(split)
+    if limit is not None:
+        records = itertools.islice(records, limit)
+        total = limit if total is None else min(total, limit)
+    workers = (os.cpu_count() or 1) if workers is None else max(int(workers), 1)
+    if chunksize is None:
+        # enough tasks per worker to balance load, big enough to amortise IPC
+        chunksize = (
+            64 if not total else int(min(256, max(8, total // (workers * 16) or 1)))
+        )
+    if source is not None and source_checksum is None:
+        source_checksum = source.checksum()
+    fkwargs = dict(
+        max_hops=max_hops,
+        path_convention=path_convention,
+        max_atoms=max_atoms,
+        remove_hs=remove_hs,
+    )
+
+    writer = _SplitWriter(path, split, map_size, commit_every)
+    results = _ordered_results(records, featurize, fkwargs, workers, chunksize)
+    bar = None
+    try:
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=total, desc=split or path.stem, unit="mol", dynamic_ncols=True
+            )
+        for n, (item, result) in enumerate(results):
+            if writer.split is None and isinstance(item, SourceRecord):
+                writer.split = item.split
+            writer.add(result, _position_of(item, n))
+            if bar is not None:
+                bar.update(1)
+                if n % 1000 == 0:
+                    bar.set_postfix(skipped=writer.counts["skipped"], refresh=False)
+        meta = {
+            "schema_version": K.SCHEMA_VERSION,
+            "num_entries": writer.counts["kept"],
+            "split": writer.split,
+            "featurizer_version": _featurizer_version(),
+            "path_convention": path_convention,
+            "max_hops": max_hops,
+            "max_atoms": max_atoms,
+            "remove_hs": remove_hs,
+            "counts": dict(writer.counts),
+            "source": {
+                "name": getattr(source, "name", None),
+                "checksum": source_checksum,
+                "describe": source.describe() if source is not None else None,
+            },
+            "stats": writer.stats.to_meta(writer.counts["kept"]),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            ),
+            "package_version": _package_version(),
+            **(extra_meta or {}),
+        }
+        writer.finish(meta)
+    except BaseException:
+        writer.discard()
+        raise
+    finally:
+        results.close()  # terminates the worker pool on failure
+        if bar is not None:
+            bar.close()
+    c = writer.counts
+    logger.info(
+        "%s: wrote %d records (%d read, %d skipped%s)",
+        path,
+        c["kept"],
+        c["read"],
+        c["skipped"],
+        f", listed in {writer.skip_path}" if c["skipped"] else "",
+    )
+    return meta
+
+
+def _ordered_results(
+    records: Iterable,
+    featurize: Callable | None,
+    fkwargs: dict,
+    workers: int,
+    chunksize: int,
+) -> Iterator[tuple[Any, tuple]]:
+    """Yield ``(item, result)`` in input order, featurizing in a pool of ``workers``.
+
+    At most ``4 * workers`` chunks are in flight: ``Pool.imap`` would read the whole
+    input eagerly (its feeder thread has no back-pressure), gigabytes for millions of
+    SDF blocks. The pool is terminated if the consumer stops early or fails.
+    """
+    if workers <= 1:
+        _init_worker(featurize, fkwargs)
+        for chunk in _batched(records, chunksize):
+            yield from zip(chunk, _work_chunk(chunk))
+        return
+    pool = multiprocessing.get_context().Pool(
+        workers, initializer=_init_worker, initargs=(featurize, fkwargs)
+    )
+    try:
+        pending: collections.deque = collections.deque()
+        for chunk in _batched(records, chunksize):
+            pending.append((chunk, pool.apply_async(_work_chunk, (chunk,))))
+            while len(pending) >= 4 * workers:
+                chunk_items, result = pending.popleft()
+                yield from zip(chunk_items, result.get())
+        while pending:
+            chunk_items, result = pending.popleft()
+            yield from zip(chunk_items, result.get())
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+class _SplitWriter:
+    """Kept records -> ``<path>.tmp-<pid>``, skips -> skip list; renamed on success."""
+
+    def __init__(self, path: Path, split: str | None, map_size: int, commit_every: int):
+        self.path = path
+        self.split = split
+        self.skip_path = skip_list_path(path)
+        self.tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        self.tmp_skip = self.skip_path.with_name(
+            f"{self.skip_path.name}.tmp-{os.getpid()}"
+        )
+        self.commit_every = commit_every
+        self.counts = {"read": 0, "kept": 0, "skipped": 0}
+        self.stats = _Stats()
+        self.sizes: list[int] = []
+        self.source_index: list[int] = []
+        for p in (self.tmp, self.tmp_skip):
+            if p.exists():  # left by a killed run of a process with the same pid
+                p.unlink()
+        self.sink = _LMDBSink(self.tmp, map_size)
+        self.skip_file = open(self.tmp_skip, "w", encoding="utf-8")
+        self.skip_file.write("item\treason\n")
+
+    def add(self, result: tuple, position: int) -> None:
+        """Store one worker result (see :func:`_process_one`)."""
+        self.counts["read"] += 1
+        status = result[0]
+        if status == _OK:
+            _, buf, n_atoms, has_pos, y, hops = result
+            self.sink.put(str(self.counts["kept"]).encode("ascii"), buf)
+            self.stats.add(n_atoms, has_pos, y, hops)
+            self.sizes.append(n_atoms)
+            self.source_index.append(position)
+            self.counts["kept"] += 1
+            if len(self.sink.buffer) >= self.commit_every:
+                self.sink.commit()
+        elif status == _SKIP:
+            self.counts["skipped"] += 1
+            self.skip_file.write(f"{_tsv(result[1])}\t{_tsv(result[2])}\n")
+        elif status == _FATAL:
+            raise SourceError(f"split {self.split!r}: {result[2]}")
+        else:
+            raise WriteError(
+                f"split {self.split!r}: unexpected error featurizing {result[1]}: "
+                f"{result[2]}"
+            )
+
+    def finish(self, meta: dict) -> None:
+        """Write the index record, then the meta record (last); rename into place."""
+        self.sink.commit()
+        index = {
+            K.SIZES: np.asarray(self.sizes, dtype=np.int64),
+            K.SOURCE_INDEX: np.asarray(self.source_index, dtype=np.int64),
+        }
+        self.sink.put(K.INDEX_KEY, codec.encode(index))
+        self.sink.commit()
+        self.sink.put(K.META_KEY, codec.encode_meta(meta))  # present = file complete
+        self.sink.commit()
+        self.sink.close()
+        self.skip_file.close()
+        os.replace(self.tmp_skip, self.skip_path)
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        """Remove the temporary files after a failure (nothing gets the final name)."""
+        self.skip_file.close()
+        try:
+            self.sink.close()
+        except lmdb.Error:
+            pass
+        for p in (self.tmp, self.tmp_skip):
+            if p.exists():
+                p.unlink()
+
+
+def _position_of(item: Any, position: int) -> int:
+    """Index of an item in its source split: ``SourceRecord.index``, or its position."""
+    return int(item.index) if isinstance(item, SourceRecord) else position
+
+
+def _tsv(text: Any) -> str:
+    return str(text).replace("\t", " ").replace("\r", " ").replace("\n", " ")
