@@ -7,8 +7,13 @@ cd "$(dirname "$0")"
 
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-PIP="$VENV/bin/python -m pip"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+set -o pipefail
+# pip, minus the harmless "Location ... is ignored" lines some pip configurations print per package;
+# awk always exits 0, so pipefail still reports pip's own failure.
+pip_q() {
+  "$VENV/bin/python" -m pip "$@" 2>&1 | awk '!/is ignored: it is neither a file nor a directory/'
+}
 
 inputs_hash() {
   cat constraints.txt setup.py pyproject.toml graphormer_ext/*.pyx | sha256sum | cut -c1-16
@@ -28,15 +33,14 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 echo "[bootstrap] step 1/3: pinned torch, numpy and build tools"
-$PIP install -q -c constraints.txt pip==25.2 2>/dev/null || true
-$PIP install -q -c constraints.txt torch numpy cython setuptools wheel
+pip_q install -q -c constraints.txt torch numpy cython setuptools wheel
 
 echo "[bootstrap] step 2/3: runtime and test dependencies"
-$PIP install -q -c constraints.txt rdkit ogb lmdb tqdm pandas matplotlib scipy pytest \
-  hydra-core omegaconf bitarray scikit-learn qm9pack
+pip_q install -q -c constraints.txt rdkit ogb lmdb tqdm pandas matplotlib scipy pytest \
+  hydra-core omegaconf bitarray scikit-learn qm9pack tensorboardX
 
 echo "[bootstrap] step 3/3: this package + fairseq-fixed (compiled once, ~4 min on 2 cores)"
-$PIP install -q --no-cache-dir -c constraints.txt --no-build-isolation -e ".[fairseq,featurize,plot,test,qm9]"
+pip_q install -q --no-cache-dir -c constraints.txt --no-build-isolation -e ".[fairseq,featurize,plot,test,qm9]"
 
 "$VENV/bin/python" -c "import graphormer_ext.algos, fairseq, transformer_m; print('[bootstrap] imports ok')"
 echo "$want" > "$stamp"
