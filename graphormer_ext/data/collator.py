@@ -158,6 +158,9 @@ class Collator:
         # token count N + 1 padded to the multiple; N counts atoms only
         n_pad = -(-(n_max + 1) // self.pad_multiple) * self.pad_multiple - 1
         hops = min(max(r[K.EDGE_INPUT].shape[2] for r in records), self.max_hops)
+        # A batch of single atoms has no path hop; one all-padding hop (index 0, which embeds to
+        # zero) keeps the edge-bias shapes valid and adds nothing. The release crashed here.
+        hops = max(hops, min(1, self.max_hops))
 
         batch: dict[str, torch.Tensor] = {K.IDX: torch.from_numpy(idx)}
         out_keys = list(K.STORED_KEYS) + ([K.POS] if self.with_pos else [])

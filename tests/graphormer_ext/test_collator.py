@@ -132,7 +132,7 @@ def test_hops_and_2d_collator(stored):
     methane = stored[0]
     assert methane[K.EDGE_INPUT].shape == (1, 1, 0, 3)
     batch = Collator()([(0, methane), (1, methane)])
-    assert batch[K.EDGE_INPUT].shape == (2, 1, 1, 0, 3)
+    assert batch[K.EDGE_INPUT].shape == (2, 1, 1, 1, 3)  # one all-padding hop, see below
     assert Collator(max_hops=2)(list(enumerate(stored)))[K.EDGE_INPUT].shape[3] == 2
     b2d = Collator(with_pos=False)(list(enumerate(stored)))
     assert K.POS not in b2d and K.NODE_TYPE_EDGE not in b2d
@@ -218,3 +218,17 @@ def test_batch_by_size():
     )
     with pytest.raises(ValueError, match="max_tokens"):
         ds.batch_by_size(order, max_tokens=10)
+
+
+def test_single_atom_batch_gets_one_padding_hop():
+    """A batch of single atoms has no path hop; the collator emits one all-zero hop (the release
+    crashed on H = 0), which embeds to padding and leaves the model output unchanged."""
+    from graphormer_ext.featurize.graph import graph_to_record
+
+    methane = graph_to_record(
+        np.array([[5, 0, 4, 5, 4, 0, 4, 0, 0]]), np.zeros((2, 0), np.int64), np.zeros((0, 3), np.int64)
+    )
+    batch = Collator(max_hops=5)([dict(methane, idx=0), dict(methane, idx=1)])
+    assert tuple(batch[K.EDGE_INPUT].shape) == (2, 1, 1, 1, 3)
+    assert int(batch[K.EDGE_INPUT].abs().sum()) == 0
+    assert tuple(Collator(max_hops=0)([dict(methane, idx=0)])[K.EDGE_INPUT].shape) == (1, 1, 1, 0, 3)
