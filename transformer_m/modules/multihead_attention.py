@@ -1,0 +1,205 @@
+"""Self-attention with an additive per-head bias, in fairseq's parameter layout."""
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .utils import check_implementation
+
+
+class TokenPacking(NamedTuple):
+    """Where the real tokens of a padded ``[B, T]`` grid sit once packed into [M] rows.
+
+    Attributes:
+        flat_index: int64 [M], ``b * T + t`` of each real token, in row-major order.
+        batch_index: int64 [M], ``b`` of each real token.
+        token_index: int64 [M], ``t`` of each real token.
+        gather_index: int64 [B * T], packed row of each grid position (M = padding).
+        batch_size: B.
+        num_tokens: T.
+    """
+
+    flat_index: torch.Tensor
+    batch_index: torch.Tensor
+    token_index: torch.Tensor
+    gather_index: torch.Tensor
+    batch_size: int
+    num_tokens: int
+
+    @classmethod
+    def from_padding_mask(cls, padding_mask: torch.Tensor) -> "TokenPacking":
+        """Packing of the tokens where ``padding_mask`` ([B, T] bool) is False."""
+        batch_size, num_tokens = padding_mask.shape
+        device = padding_mask.device
+        flat_index = (~padding_mask).reshape(-1).nonzero().squeeze(-1)  # [M]
+        num_real = flat_index.shape[0]
+        gather_index = torch.full(
+            (batch_size * num_tokens,), num_real, dtype=torch.long, device=device
+        )
+        gather_index[flat_index] = torch.arange(num_real, device=device)
+        return cls(
+            flat_index=flat_index,
+            batch_index=torch.div(flat_index, num_tokens, rounding_mode="floor"),
+            token_index=flat_index % num_tokens,
+            gather_index=gather_index,
+            batch_size=batch_size,
+            num_tokens=num_tokens,
+        )
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [M, ...]."""
+        flat = x.reshape((self.batch_size * self.num_tokens,) + x.shape[2:])
+        return flat.index_select(0, self.flat_index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[M, ...] -> [B, T, ...] with zeros at padded positions.
+
+        A gather from ``x`` plus one zero row, so that autograd keeps only indices
+        alive (an ``index_copy`` would save ``x`` for its backward).
+        """
+        padded = torch.cat([x, x.new_zeros((1,) + x.shape[1:])], dim=0)  # [M+1, ...]
+        out = padded.index_select(0, self.gather_index)  # [B*T, ...]
+        return out.view((self.batch_size, self.num_tokens) + x.shape[1:])
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head self-attention with an additive bias ``[B, H, T, T]`` on the logits.
+
+    Parameter names (``k_proj``, ``v_proj``, ``q_proj``, ``out_proj``, in this order)
+    and the maths follow the Transformer-M release (spec §1.9): ``q`` is scaled by
+    ``head_dim**-0.5`` after its bias, logits are ``q k^T + bias``, padded keys get
+    ``-inf``, the softmax runs in float32, then attention dropout and ``out_proj``.
+
+    Args:
+        embed_dim: D.
+        num_heads: H; D must be divisible by H.
+        attention_dropout: dropout on the attention probabilities.
+        implementation: ``"reference"`` computes logits, softmax and product explicitly
+            as the release does; ``"fast"`` calls ``F.scaled_dot_product_attention``
+            with the bias as a float mask (``key_padding_mask`` is folded into it).
+
+    Shapes:
+        query: [T, B, D]; attn_bias: [B, H, T, T]; key_padding_mask: [B, T]
+        (True = padding); output: [T, B, D].
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        attention_dropout: float = 0.0,
+        implementation: str = "fast",
+    ) -> None:
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim {embed_dim} not divisible by {num_heads}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = float(attention_dropout)
+        self.implementation = check_implementation(implementation)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """fairseq's init: xavier (gain 1/sqrt 2) q/k/v; xavier + zero bias out_proj."""
+        gain = 2**-0.5
+        nn.init.xavier_uniform_(self.k_proj.weight, gain=gain)
+        nn.init.xavier_uniform_(self.v_proj.weight, gain=gain)
+        nn.init.xavier_uniform_(self.q_proj.weight, gain=gain)
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        nn.init.constant_(self.out_proj.bias, 0.0)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        attn_bias: Optional[torch.Tensor],
+        key_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        if self.implementation == "reference":
+            return self._forward_reference(query, attn_bias, key_padding_mask)
+        return self._forward_sdpa(query, attn_bias, key_padding_mask)
+
+    def _forward_reference(self, query, attn_bias, key_padding_mask):
+        tgt_len, bsz, embed_dim = query.shape
+        heads = bsz * self.num_heads
+        q = self.q_proj(query) * self.scaling
+        k = self.k_proj(query)
+        v = self.v_proj(query)
+        q = q.contiguous().view(tgt_len, heads, self.head_dim).transpose(0, 1)
+        k = k.contiguous().view(tgt_len, heads, self.head_dim).transpose(0, 1)
+        v = v.contiguous().view(tgt_len, heads, self.head_dim).transpose(0, 1)
+        attn_weights = torch.bmm(q, k.transpose(1, 2))  # [B*H, T, T]
+        if attn_bias is not None:
+            attn_weights += attn_bias.reshape(heads, tgt_len, tgt_len)
+        if key_padding_mask is not None:
+            attn_weights = attn_weights.view(bsz, self.num_heads, tgt_len, tgt_len)
+            attn_weights = attn_weights.masked_fill(
+                key_padding_mask[:, None, None, :].to(torch.bool), float("-inf")
+            )
+            attn_weights = attn_weights.view(heads, tgt_len, tgt_len)
+        attn_probs = F.softmax(attn_weights.float(), dim=-1).type_as(attn_weights)
+        attn_probs = F.dropout(
+            attn_probs, p=self.attention_dropout, training=self.training
+        )
+        attn = torch.bmm(attn_probs, v)  # [B*H, T, hd]
+        attn = attn.transpose(0, 1).contiguous().view(tgt_len, bsz, embed_dim)
+        return self.out_proj(attn)
+
+    def _sdpa(self, q, k, v, attn_bias):
+        # q, k, v: [B, H, T, hd]; q is already scaled, so SDPA's own scale is 1.
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(q.dtype)
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_bias,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            scale=1.0,
+        )
+
+    def _forward_sdpa(self, query, attn_bias, key_padding_mask):
+        tgt_len, bsz, embed_dim = query.shape
+        if key_padding_mask is not None:
+            pad = key_padding_mask[:, None, None, :].to(torch.bool)
+            if attn_bias is None:
+                attn_bias = query.new_zeros(bsz, 1, 1, tgt_len)
+            attn_bias = attn_bias.masked_fill(pad, float("-inf"))
+        shape = (tgt_len, bsz, self.num_heads, self.head_dim)
+        q = (self.q_proj(query) * self.scaling).view(shape).permute(1, 2, 0, 3)
+        k = self.k_proj(query).view(shape).permute(1, 2, 0, 3)
+        v = self.v_proj(query).view(shape).permute(1, 2, 0, 3)  # [B, H, T, hd]
+        attn = self._sdpa(q, k, v, attn_bias)  # [B, H, T, hd]
+        attn = attn.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim)
+        return self.out_proj(attn)
+
+    def forward_packed(
+        self, x: torch.Tensor, attn_bias: torch.Tensor, packing: TokenPacking
+    ) -> torch.Tensor:
+        """Attention over packed real tokens (the fast encoder path).
+
+        Args:
+            x: [M, D] real tokens, packed with ``packing``.
+            attn_bias: [B, H, T, T], with ``-inf`` already on padded keys.
+            packing: the token packing of ``x``.
+
+        Returns:
+            [M, D].
+        """
+        bsz, tgt_len = packing.batch_size, packing.num_tokens
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projections], dim=0)  # [3D, D]
+        bias = torch.cat([p.bias for p in projections], dim=0)  # [3D]
+        qkv = packing.unpack(F.linear(x, weight, bias))  # [B, T, 3D]
+        qkv = qkv.view(bsz, tgt_len, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, hd] each
+        attn = self._sdpa(q * self.scaling, k, v, attn_bias)  # [B, H, T, hd]
+        attn = packing.pack(attn.transpose(1, 2)).reshape(-1, self.embed_dim)  # [M, D]
+        return self.out_proj(attn)

@@ -1,0 +1,294 @@
+"""The Transformer-M molecule encoder (``encoder.molecule_encoder`` in checkpoints)."""
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from graphormer_ext.data import keys
+
+from .multihead_attention import TokenPacking
+from .transformer_m_encoder_layer import TransformerMEncoderLayer
+from .transformer_m_layers import (
+    AtomFeature,
+    AtomTaskHead,
+    Molecule3DBias,
+    MoleculeAttnBias,
+)
+from .utils import (
+    MODE_3D,
+    ModeGenerator,
+    check_implementation,
+    draw_mode_choice,
+    mode_masks,
+    parse_mode_prob,
+)
+
+# Scale of the 3D atom term added to the atom tokens (spec §1.7).
+MERGED_3D_FEATURE_SCALE = 0.01
+
+
+class MoleculeEncoder(nn.Module):
+    """Atom tokens, 2D/3D attention biases, L encoder layers, 3D denoising head.
+
+    Mirrors the released ``TransformerMEncoder`` (spec §1.1, §1.8). The same
+    ``attn_bias`` is used by every layer. The 3D channel runs when ``add_3d`` is set
+    and some position of the batch is non-zero. In training each molecule draws a mode
+    {0: 2D+3D, 1: 2D, 2: 3D} with ``mode_prob``: ``mask_2d = 0`` zeroes the degree
+    embedding, the SPD bias and the edge bias; ``mask_3d = 0`` zeroes the merged 3D atom
+    term, ``delta_pos`` and the finite 3D bias; the denoising output is kept for
+    3D-only molecules only. As released, the draw happens in training whether or not
+    ``add_3d`` is set, and ``atom_proc`` is built even without ``add_3d``.
+
+    With ``implementation="fast"`` the layers run on packed real tokens (padded tokens
+    are never computed; their hidden states come back as zeros) with SDPA attention,
+    and the 2D/3D biases are evaluated on real atom pairs only. Outputs at real tokens
+    equal those of the reference path.
+
+    Args:
+        num_atoms: atom-feature vocabulary (4608).
+        num_in_degree: in-degree vocabulary (512).
+        num_out_degree: out-degree vocabulary (512).
+        num_edges: bond-feature vocabulary (1536).
+        num_spatial: SPD vocabulary (512).
+        num_edge_dis: number of per-hop matrices (128).
+        edge_type: ``"multi_hop"`` or ``"direct"``.
+        multi_hop_max_dist: hops used by the edge bias.
+        num_layers: L.
+        embed_dim: D.
+        ffn_embed_dim: FFN width.
+        num_heads: H.
+        dropout: hidden dropout (embeddings and residual branches).
+        attention_dropout: attention-probability dropout.
+        act_dropout: dropout after the FFN activation.
+        activation_fn: fairseq activation name.
+        encoder_normalize_before: LayerNorm ``emb_layer_norm`` on the embeddings.
+        sandwich_ln: Pre-LN + sublayer-LN layers instead of Post-LN.
+        droppath_prob: stochastic depth, linear over layers from 0 to this value.
+        legacy_droppath: per-token DropPath masks (released quirk), not per-molecule.
+        add_3d: build the 3D channel.
+        num_3d_bias_kernel: K.
+        no_2d: disable the degree, SPD and edge encodings.
+        mode_prob: probabilities of {2D+3D, 2D, 3D} (string or three floats; invalid
+            values fall back to 0.2, 0.2, 0.6). None: no mode masking in training
+            (the released QM9 encoder).
+        atom_head: build the denoising head ``atom_proc`` (False: the released QM9
+            encoder's layout; ``atom_output`` is then None).
+        atom_head_dropout: attention dropout of ``atom_proc`` (0.1 in the release).
+        implementation: ``"fast"`` or ``"reference"``.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_atoms: int = 4608,
+        num_in_degree: int = 512,
+        num_out_degree: int = 512,
+        num_edges: int = 1536,
+        num_spatial: int = 512,
+        num_edge_dis: int = 128,
+        edge_type: str = "multi_hop",
+        multi_hop_max_dist: int = 5,
+        num_layers: int,
+        embed_dim: int,
+        ffn_embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.1,
+        act_dropout: float = 0.1,
+        activation_fn: str = "relu",
+        encoder_normalize_before: bool = False,
+        sandwich_ln: bool = False,
+        droppath_prob: float = 0.0,
+        legacy_droppath: bool = False,
+        add_3d: bool = False,
+        num_3d_bias_kernel: int = 128,
+        no_2d: bool = False,
+        mode_prob: Optional[Union[str, Sequence[float]]] = "0.2,0.2,0.6",
+        atom_head: bool = True,
+        atom_head_dropout: float = 0.1,
+        implementation: str = "fast",
+    ) -> None:
+        super().__init__()
+        self.implementation = check_implementation(implementation)
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.dropout = float(dropout)
+        self.mode_prob = None if mode_prob is None else parse_mode_prob(mode_prob)
+        self.atom_feature = AtomFeature(
+            num_atoms=num_atoms,
+            num_in_degree=num_in_degree,
+            num_out_degree=num_out_degree,
+            embed_dim=embed_dim,
+            num_layers=num_layers,
+            no_2d=no_2d,
+        )
+        self.molecule_attn_bias = MoleculeAttnBias(
+            num_heads=num_heads,
+            num_edges=num_edges,
+            num_spatial=num_spatial,
+            num_edge_dis=num_edge_dis,
+            edge_type=edge_type,
+            multi_hop_max_dist=multi_hop_max_dist,
+            num_layers=num_layers,
+            no_2d=no_2d,
+            implementation=implementation,
+        )
+        self.molecule_3d_bias = None
+        if add_3d:
+            self.molecule_3d_bias = Molecule3DBias(
+                num_heads=num_heads,
+                num_edges=num_edges,
+                embed_dim=embed_dim,
+                num_kernels=num_3d_bias_kernel,
+                implementation=implementation,
+            )
+        self.atom_proc = None
+        if atom_head:
+            self.atom_proc = AtomTaskHead(
+                embed_dim=embed_dim,
+                num_heads=num_heads,
+                attention_dropout=atom_head_dropout,
+                implementation=implementation,
+            )
+        self.emb_layer_norm = None
+        if encoder_normalize_before:
+            self.emb_layer_norm = nn.LayerNorm(embed_dim)
+        droppath_probs = torch.linspace(
+            0, droppath_prob, num_layers, device="cpu"
+        ).tolist()
+        self.layers = nn.ModuleList(
+            TransformerMEncoderLayer(
+                embed_dim=embed_dim,
+                ffn_embed_dim=ffn_embed_dim,
+                num_heads=num_heads,
+                dropout=dropout,
+                attention_dropout=attention_dropout,
+                act_dropout=act_dropout,
+                activation_fn=activation_fn,
+                sandwich_ln=sandwich_ln,
+                droppath_prob=droppath_probs[layer],
+                legacy_droppath=legacy_droppath,
+                implementation=implementation,
+            )
+            for layer in range(num_layers)
+        )
+
+    def forward(
+        self,
+        batched_data: Dict[str, torch.Tensor],
+        mode_choice: Optional[torch.Tensor] = None,
+        generator: Optional[ModeGenerator] = None,
+        return_intermediates: bool = False,
+    ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor], Dict[str, object]]:
+        """Encode a collated batch.
+
+        Args:
+            batched_data: collated batch (keys of :mod:`graphormer_ext.data.keys`).
+            mode_choice: int64 [B] training modes {0: 2D+3D, 1: 2D, 2: 3D}; drawn
+                with ``generator`` when None (unless ``mode_prob`` is None). Ignored
+                in eval mode (no masks there, as released).
+            generator: randomness of the mode draw (numpy Generator or RandomState,
+                torch Generator, or None for torch's global generator).
+            return_intermediates: also return the channel outputs.
+
+        Returns:
+            ``inner_states``: L+1 tensors [T, B, D] (entry 0: the embeddings after
+            ``emb_layer_norm``); ``atom_output``: float32 [B, N, 3], or None when the
+            3D channel did not run; ``extra``: dict with ``padding_mask`` [B, T],
+            ``mode_choice`` (or None), in the fast path ``packing`` and
+            ``last_packed`` (final states of the real tokens, [M, D]), and
+            ``intermediates`` when requested.
+        """
+        x_in = batched_data[keys.X]
+        n_mol = x_in.shape[0]
+        pos = batched_data.get(keys.POS)
+        padding_mask = torch.cat(
+            [x_in.new_zeros(n_mol, 1, dtype=torch.bool), x_in[:, :, 0].eq(0)], dim=1
+        )  # [B, T]
+
+        mask_2d = mask_3d = None
+        training_masks = mode_choice is not None or self.mode_prob is not None
+        if self.training and training_masks:
+            if mode_choice is None:
+                mode_choice = draw_mode_choice(n_mol, self.mode_prob, generator)
+            like = pos if pos is not None else self.atom_feature.graph_token.weight
+            mask_2d, mask_3d = mode_masks(mode_choice, like)
+        else:
+            mode_choice = None
+
+        x = self.atom_feature(batched_data, mask_2d=mask_2d)  # [B, T, D]
+        attn_bias_2d = self.molecule_attn_bias(batched_data, mask_2d=mask_2d)
+        attn_bias = attn_bias_2d  # [B, H, T, T]
+        inter: Dict[str, Optional[torch.Tensor]] = {}
+        if return_intermediates:
+            inter.update(
+                atom_feature=x, attn_bias_2d=attn_bias_2d, padding_mask=padding_mask
+            )
+
+        delta_pos = None
+        use_3d = self.molecule_3d_bias is not None and pos is not None
+        if use_3d and not bool((pos == 0).all()):
+            bias_3d, merged, delta_pos = self.molecule_3d_bias(batched_data)
+            if return_intermediates:
+                inter.update(
+                    bias_3d=bias_3d, merged_edge_features=merged, delta_pos=delta_pos
+                )
+            if mask_3d is not None:
+                merged = merged * mask_3d[:, None, None]
+                delta_pos = delta_pos * mask_3d[:, None, None, None]
+                finite = bias_3d != float("-inf")
+                off = finite & (mask_3d == 0)[:, None, None, None]
+                bias_3d = bias_3d.masked_fill(off, 0.0)
+            attn_bias = attn_bias + F.pad(bias_3d, (1, 0, 1, 0))  # [B, H, T, T]
+            atoms = x[:, 1:] + merged * MERGED_3D_FEATURE_SCALE
+            x = torch.cat([x[:, :1], atoms], dim=1)
+
+        if return_intermediates:
+            inter["emb_layer_norm_in"] = x
+        if self.emb_layer_norm is not None:
+            x = self.emb_layer_norm(x)
+        if return_intermediates:
+            inter["emb_layer_norm_out"] = x
+        x = F.dropout(x, p=self.dropout, training=self.training)
+
+        extra: Dict[str, object] = {
+            "padding_mask": padding_mask,
+            "mode_choice": mode_choice,
+        }
+        if self.implementation == "reference":
+            layer_bias = attn_bias
+            x = x.transpose(0, 1)  # [T, B, D]
+            inner_states = [x]
+            for layer in self.layers:
+                x = layer(x, attn_bias=layer_bias, key_padding_mask=padding_mask)
+                inner_states.append(x)
+        else:
+            # -inf on padded keys once, instead of a key_padding_mask in every layer.
+            pad_keys = padding_mask[:, None, None, :]
+            layer_bias = attn_bias.masked_fill(pad_keys, float("-inf"))
+            packing = TokenPacking.from_padding_mask(padding_mask)
+            xs = packing.pack(x)  # [M, D]
+            inner_states = [packing.unpack(xs).transpose(0, 1)]
+            for layer in self.layers:
+                xs = layer.forward_packed(xs, layer_bias, packing)
+                inner_states.append(packing.unpack(xs).transpose(0, 1))  # [T, B, D]
+            x = inner_states[-1]
+            extra.update(packing=packing, last_packed=xs)
+        if return_intermediates:
+            inter["layer_attn_bias"] = layer_bias
+
+        atom_output = None
+        if delta_pos is not None and self.atom_proc is not None:
+            atom_bias = layer_bias[:, :, 1:, 1:]  # [B, H, N, N]
+            atom_output = self.atom_proc(x[1:], atom_bias, delta_pos)  # [B, N, 3]
+            if return_intermediates:
+                inter["atom_proc_raw"] = atom_output
+            if mode_choice is not None:
+                only_3d = mode_choice.to(atom_output.device) == MODE_3D  # [B]
+                atom_output = atom_output * only_3d.to(atom_output.dtype)[:, None, None]
+
+        if return_intermediates:
+            inter.update(mask_2d=mask_2d, mask_3d=mask_3d)
+            extra["intermediates"] = inter
+        return inner_states, atom_output, extra

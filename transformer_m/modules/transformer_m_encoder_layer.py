@@ -1,0 +1,163 @@
+"""One Transformer-M encoder layer (post-LN by default, optional sandwich LN)."""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .droppath import DropPath
+from .multihead_attention import MultiheadAttention, TokenPacking
+from .utils import check_implementation, get_activation_fn
+
+
+class TransformerMEncoderLayer(nn.Module):
+    """Transformer-M encoder layer (spec §1.9).
+
+    Post-LN when ``sandwich_ln`` is False (the released default)::
+
+        x = LN(x + Drop(Attn(x)));  x = LN(x + Drop(fc2(ActDrop(act(fc1(x))))))
+
+    With ``sandwich_ln`` the LNs move before each sublayer and an extra LN normalises
+    each sublayer output before the residual add. When ``droppath_prob > 0`` the
+    residual-branch dropout is replaced by one ``DropPath`` used by both sublayers.
+
+    Args:
+        embed_dim: D.
+        ffn_embed_dim: FFN width.
+        num_heads: H.
+        dropout: residual-branch dropout (unused when ``droppath_prob > 0``).
+        attention_dropout: dropout on attention probabilities.
+        act_dropout: dropout after the FFN activation.
+        activation_fn: fairseq activation name (``gelu`` = float32 erf GELU).
+        sandwich_ln: Pre-LN plus sublayer LNs instead of Post-LN.
+        droppath_prob: stochastic-depth probability of this layer.
+        legacy_droppath: per-token DropPath masks (released quirk), not per-molecule.
+        implementation: ``"fast"`` (SDPA; packed tokens via ``forward_packed``) or
+            ``"reference"``.
+
+    Shapes:
+        x: [T, B, D]; attn_bias: [B, H, T, T]; key_padding_mask: [B, T];
+        output: [T, B, D].
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        ffn_embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.1,
+        act_dropout: float = 0.1,
+        activation_fn: str = "relu",
+        sandwich_ln: bool = False,
+        droppath_prob: float = 0.0,
+        legacy_droppath: bool = False,
+        implementation: str = "fast",
+    ) -> None:
+        super().__init__()
+        self.implementation = check_implementation(implementation)
+        self.dropout = float(dropout)
+        self.act_dropout = float(act_dropout)
+        self.sandwich_ln = bool(sandwich_ln)
+        self.activation_fn = get_activation_fn(activation_fn)
+        self.droppath = None
+        if droppath_prob > 0.0:
+            self.droppath = DropPath(droppath_prob, legacy_per_token=legacy_droppath)
+        self.self_attn = MultiheadAttention(
+            embed_dim,
+            num_heads,
+            attention_dropout=attention_dropout,
+            implementation=implementation,
+        )
+        self.self_attn_layer_norm = nn.LayerNorm(embed_dim)
+        self.self_attn_sandwich_layer_norm = (
+            nn.LayerNorm(embed_dim) if self.sandwich_ln else None
+        )
+        self.fc1 = nn.Linear(embed_dim, ffn_embed_dim)
+        self.fc2 = nn.Linear(ffn_embed_dim, embed_dim)
+        self.final_layer_norm = nn.LayerNorm(embed_dim)
+        self.final_sandwich_layer_norm = (
+            nn.LayerNorm(embed_dim) if self.sandwich_ln else None
+        )
+
+    def _residual_dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.droppath is not None:
+            return self.droppath(x)
+        return F.dropout(x, p=self.dropout, training=self.training)
+
+    def _residual_dropout_packed(
+        self, x: torch.Tensor, packing: TokenPacking
+    ) -> torch.Tensor:
+        if self.droppath is not None:
+            return self.droppath.forward_packed(
+                x,
+                num_tokens=packing.num_tokens,
+                batch_size=packing.batch_size,
+                batch_index=packing.batch_index,
+                token_index=packing.token_index,
+            )
+        return F.dropout(x, p=self.dropout, training=self.training)
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.activation_fn(self.fc1(x))
+        x = F.dropout(x, p=self.act_dropout, training=self.training)
+        return self.fc2(x)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_bias: Optional[torch.Tensor] = None,
+        key_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        residual = x
+        if self.sandwich_ln:
+            x = self.self_attn_layer_norm(x)
+        x = self.self_attn(x, attn_bias, key_padding_mask)
+        x = self._residual_dropout(x)
+        if self.sandwich_ln:
+            x = self.self_attn_sandwich_layer_norm(x)
+        x = residual + x
+        if not self.sandwich_ln:
+            x = self.self_attn_layer_norm(x)
+
+        residual = x
+        if self.sandwich_ln:
+            x = self.final_layer_norm(x)
+        x = self._residual_dropout(self._ffn(x))
+        if self.sandwich_ln:
+            x = self.final_sandwich_layer_norm(x)
+        x = residual + x
+        if not self.sandwich_ln:
+            x = self.final_layer_norm(x)
+        return x
+
+    def forward_packed(
+        self, x: torch.Tensor, attn_bias: torch.Tensor, packing: TokenPacking
+    ) -> torch.Tensor:
+        """The same layer on packed real tokens ``x`` [M, D] -> [M, D].
+
+        ``attn_bias`` [B, H, T, T] must already hold ``-inf`` on padded keys. Every
+        operation but attention is per token, so padded tokens are not computed.
+        """
+        residual = x
+        if self.sandwich_ln:
+            x = self.self_attn_layer_norm(x)
+        x = self.self_attn.forward_packed(x, attn_bias, packing)
+        x = self._residual_dropout_packed(x, packing)
+        if self.sandwich_ln:
+            x = self.self_attn_sandwich_layer_norm(x)
+        x = residual + x
+        if not self.sandwich_ln:
+            x = self.self_attn_layer_norm(x)
+
+        residual = x
+        if self.sandwich_ln:
+            x = self.final_layer_norm(x)
+        x = self._residual_dropout_packed(self._ffn(x), packing)
+        if self.sandwich_ln:
+            x = self.final_sandwich_layer_norm(x)
+        x = residual + x
+        if not self.sandwich_ln:
+            x = self.final_layer_norm(x)
+        return x
