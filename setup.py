@@ -56,6 +56,7 @@ setup(
             "graphormer-ext-preprocess=graphormer_ext.preprocess:main",
             "transformer-m-train=transformer_m.cli:train",
             "transformer-m-validate=transformer_m.cli:validate",
+            "transformer-m-predict=transformer_m.predict:main",
         ]
     },
     zip_safe=False,

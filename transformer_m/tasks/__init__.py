@@ -1,0 +1,4 @@
+"""Registered fairseq tasks."""
+from .graph_prediction import GraphPredictionConfig, GraphPredictionTask
+
+__all__ = ["GraphPredictionConfig", "GraphPredictionTask"]

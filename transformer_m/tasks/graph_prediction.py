@@ -1,0 +1,213 @@
+"""Task ``graph_prediction``: Transformer-M pre-training / property regression on LMDB splits."""
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from fairseq.data import FairseqDataset
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import II
+
+from graphormer_ext.data import keys
+from graphormer_ext.data.base import GraphDataset
+from graphormer_ext.data.collator import Collator
+from graphormer_ext.data.lmdb_dataset import LMDBDataset
+
+logger = logging.getLogger(__name__)
+
+DATASET_NAMES = ChoiceEnum(["PCQM4M-LSC-V2-3D", "PCQM4M-LSC-V2", "PCQM4M-LSC-V2-TOY", "custom"])
+TOY_TRAIN_SIZE = 5000  # PCQM4M-LSC-V2-TOY: the first 5,000 training molecules, as in the original
+
+
+@dataclass
+class GraphPredictionConfig(FairseqDataclass):
+    data_path: str = field(
+        default="",
+        metadata={
+            "help": "directory holding <split>.lmdb files written by `graphormer-ext-preprocess`"
+        },
+    )
+    dataset_name: DATASET_NAMES = field(
+        default="PCQM4M-LSC-V2-3D",
+        metadata={
+            "help": "PCQM4M-LSC-V2-3D uses the stored 3D positions; PCQM4M-LSC-V2 ignores them "
+            "(2D only); PCQM4M-LSC-V2-TOY keeps the first 5,000 training molecules"
+        },
+    )
+    num_classes: int = field(default=1, metadata={"help": "number of regression targets"})
+    max_nodes: int = field(
+        default=256,
+        metadata={"help": "molecules with more atoms are left out of the epoch (counted, logged)"},
+    )
+    pad_to_multiple: int = field(
+        default=1, metadata={"help": "pad the token count (atoms + graph token) to this multiple"}
+    )
+    num_atoms: int = field(default=keys.NUM_ATOMS_VOCAB, metadata={"help": "atom vocabulary"})
+    num_edges: int = field(default=keys.NUM_EDGES_VOCAB, metadata={"help": "bond vocabulary"})
+    num_in_degree: int = field(default=keys.NUM_DEGREE_VOCAB, metadata={"help": "degree vocab"})
+    num_out_degree: int = field(default=keys.NUM_DEGREE_VOCAB, metadata={"help": "degree vocab"})
+    num_spatial: int = field(default=keys.NUM_SPATIAL_VOCAB, metadata={"help": "SPD vocabulary"})
+    num_edge_dis: int = field(default=128, metadata={"help": "number of per-hop HxH matrices"})
+    multi_hop_max_dist: int = field(default=5, metadata={"help": "path hops used by the model"})
+    edge_type: ChoiceEnum(["multi_hop", "direct"]) = field(
+        default="multi_hop", metadata={"help": "path-edge bias along shortest paths, or bonds only"}
+    )
+    max_positions: int = field(default=512, metadata={"help": "kept for compatibility"})
+    seed: int = II("common.seed")
+
+
+class GraphPredictionDataset(FairseqDataset):
+    """fairseq adapter around :class:`graphormer_ext.data.base.GraphDataset`.
+
+    A sample is ``{"id", "nsamples", "net_input": {"batched_data": batch}, "target"}``.
+    """
+
+    def __init__(self, graphs: GraphDataset):
+        self.graphs = graphs
+
+    def __len__(self):
+        return len(self.graphs)
+
+    def __getitem__(self, index):
+        return self.graphs[index]
+
+    def collater(self, samples):
+        batch = self.graphs.collater(samples)
+        if not batch:
+            return {}
+        return {
+            "id": batch[keys.IDX],
+            "nsamples": int(batch[keys.IDX].numel()),
+            "net_input": {"batched_data": batch},
+            "target": batch[keys.Y],
+        }
+
+    @property
+    def sizes(self):
+        return self.graphs.sizes
+
+    def num_tokens(self, index):
+        return self.graphs.num_tokens(index)
+
+    def num_tokens_vec(self, indices):
+        return self.graphs.num_tokens_vec(indices)
+
+    def size(self, index):
+        return self.graphs.size(index)
+
+    def ordered_indices(self):
+        return self.graphs.ordered_indices()
+
+    def set_epoch(self, epoch):
+        self.graphs.set_epoch(epoch)
+
+    @property
+    def can_reuse_epoch_itr_across_epochs(self):
+        return self.graphs.can_reuse_epoch_itr_across_epochs
+
+    @property
+    def supports_prefetch(self):
+        return False
+
+    def filter_indices_by_size(self, indices, max_sizes):
+        return self.graphs.filter_indices_by_size(indices, max_sizes)
+
+    def batch_by_size(self, indices, max_tokens=None, max_sentences=None,
+                      required_batch_size_multiple=1):
+        return self.graphs.batch_by_size(
+            indices, max_tokens=max_tokens, max_sentences=max_sentences,
+            required_batch_size_multiple=required_batch_size_multiple,
+        )
+
+
+def split_path(data_path: str, split: str) -> str:
+    """``<data_path>/<split>.lmdb``, with a clear error naming the preprocess command."""
+    path = os.path.join(data_path, f"{split}.lmdb")
+    if not os.path.isfile(path):
+        found = sorted(f for f in os.listdir(data_path) if f.endswith(".lmdb")) if os.path.isdir(
+            data_path) else []
+        raise FileNotFoundError(
+            f"split {split!r}: {path} does not exist (found: {found or 'no .lmdb files'}). "
+            "Create the splits with `graphormer-ext-preprocess pcqm4mv2 --root <PCQM4Mv2 root> "
+            f"--out {data_path or '<dir>'}` (or another source) and pass that directory as --data-path."
+        )
+    return path
+
+
+@register_task("graph_prediction", dataclass=GraphPredictionConfig)
+class GraphPredictionTask(FairseqTask):
+    """Graph-level regression (PCQM4Mv2 HOMO-LUMO gap pre-training) on LMDB splits.
+
+    The training split of PCQM4Mv2 carries DFT 3D positions, valid/test do not (2D inference), as
+    in the original release. A purely 2D dataset works too (no positions anywhere).
+    """
+
+    cfg: GraphPredictionConfig
+
+    def __init__(self, cfg: GraphPredictionConfig):
+        super().__init__(cfg)
+        if cfg.num_classes <= 0:
+            raise ValueError(f"--num-classes must be > 0, got {cfg.num_classes}")
+
+    @classmethod
+    def setup_task(cls, cfg, **kwargs):
+        if not cfg.data_path:
+            raise ValueError("--data-path is required (directory with <split>.lmdb files)")
+        return cls(cfg)
+
+    def load_dataset(self, split, combine=False, **kwargs):
+        records = LMDBDataset(split_path(self.cfg.data_path, split))
+        meta = records.meta
+        stored_hops = int(meta.get("max_hops", self.cfg.multi_hop_max_dist))
+        if 0 < stored_hops < self.cfg.multi_hop_max_dist:
+            logger.warning(
+                "%s stores %d path hops but --multi-hop-max-dist is %d: the extra hops are padding",
+                records.path, stored_hops, self.cfg.multi_hop_max_dist,
+            )
+        logger.info(
+            "%s: %d molecules, path convention %s, source %s",
+            split, len(records), meta.get("path_convention"), meta.get("source", {}).get("source"),
+        )
+        collator = Collator(
+            max_hops=self.cfg.multi_hop_max_dist,
+            pad_multiple=self.cfg.pad_to_multiple,
+            with_pos=self.cfg.dataset_name != "PCQM4M-LSC-V2",
+        )
+        is_train = split == "train"
+        if is_train and self.cfg.dataset_name == "PCQM4M-LSC-V2-TOY":
+            records = _Head(records, TOY_TRAIN_SIZE)
+        graphs = GraphDataset(
+            records, collator, shuffle=is_train, seed=self.cfg.seed, max_atoms=self.cfg.max_nodes
+        )
+        self.datasets[split] = GraphPredictionDataset(graphs)
+
+    def max_positions(self):
+        return self.cfg.max_nodes
+
+    @property
+    def source_dictionary(self):
+        return None
+
+    @property
+    def target_dictionary(self):
+        return None
+
+
+class _Head:
+    """The first ``n`` records of a dataset (sizes sliced accordingly)."""
+
+    def __init__(self, dataset, n: int):
+        self.dataset = dataset
+        self.n = min(n, len(dataset))
+        self.sizes = np.asarray(dataset.sizes)[: self.n]
+        self.meta = dataset.meta
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        return self.dataset[index]
