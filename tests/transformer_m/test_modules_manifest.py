@@ -126,12 +126,14 @@ def test_upgrade_state_dict_for_finetuning_then_strict_load():
     assert plain.keys() == golden()["state_dict"].keys()
 
 
-def test_mode_prob_parsing_falls_back_like_release():
+def test_mode_prob_parsing_rejects_what_the_release_silently_replaced():
     assert parse_mode_prob("0.2,0.2,0.6") == (0.2, 0.2, 0.6)
     assert parse_mode_prob("0,1,0") == (0.0, 1.0, 0.0)
     assert parse_mode_prob([0.5, 0.5, 0.0]) == (0.5, 0.5, 0.0)
-    for bad in ("0.3,0.3,0.3", "1,0", "a,b,c", [0.5, 0.6, -0.1, 0.0]):
-        assert parse_mode_prob(bad) == (0.2, 0.2, 0.6)
+    assert parse_mode_prob("0.1,0.2,0.7") == (0.1, 0.2, 0.7)  # float sum 0.9999999999999999
+    for bad in ("0.5,0.5,0.5", "0.2,0.8", "a,b,c", "", "-0.2,0.6,0.6", None):
+        with pytest.raises(ValueError, match="mode_prob"):
+            parse_mode_prob(bad)
 
 
 def _small(**kwargs):

@@ -76,27 +76,32 @@ def get_activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 def parse_mode_prob(
     mode_prob: Union[str, Sequence[float]]
 ) -> Tuple[float, float, float]:
-    """Parse ``mode_prob`` exactly like the released code.
+    """Parse ``mode_prob``: probabilities of the training modes {2D+3D, 2D, 3D}.
 
-    A string ``"p1,p2,p3"`` or three floats for the modes {2D+3D, 2D, 3D}. As in the
-    official encoder, anything that is not three numbers summing to exactly 1.0
-    silently falls back to ``(0.2, 0.2, 0.6)`` (spec §1.8, golden quirk 12).
+    A string ``"p1,p2,p3"`` or three floats, non-negative, summing to 1 within 1e-6. The
+    released encoder silently fell back to ``(0.2, 0.2, 0.6)`` for anything else (including
+    ``"0.1,0.2,0.7"``, whose float sum is not exactly 1.0); here that is an error, since no
+    checkpoint depends on the fallback.
 
     Args:
         mode_prob: the probabilities, as a string or a sequence.
 
     Returns:
         A tuple of three floats.
+
+    Raises:
+        ValueError: not three numbers, a negative value, or a sum other than 1.
     """
     try:
-        if isinstance(mode_prob, str):
-            values = [float(item) for item in mode_prob.split(",")]
-        else:
-            values = [float(item) for item in mode_prob]
-        if len(values) != 3 or sum(values) != 1.0:
-            raise ValueError(mode_prob)
+        items = mode_prob.split(",") if isinstance(mode_prob, str) else list(mode_prob)
+        values = [float(item) for item in items]
     except (TypeError, ValueError):
-        values = list(DEFAULT_MODE_PROB)
+        values = []
+    if len(values) != 3 or min(values) < 0 or abs(sum(values) - 1.0) > 1e-6:
+        raise ValueError(
+            f"mode_prob {mode_prob!r}: expected three non-negative probabilities of the modes "
+            "{2D+3D, 2D, 3D} summing to 1, e.g. '0.2,0.2,0.6'"
+        )
     return tuple(values)
 
 
