@@ -37,7 +37,7 @@ pip_q install -q -c constraints.txt torch numpy cython setuptools wheel
 
 echo "[bootstrap] step 2/3: runtime and test dependencies"
 pip_q install -q -c constraints.txt rdkit ogb lmdb tqdm pandas matplotlib scipy pytest \
-  hydra-core omegaconf bitarray scikit-learn qm9pack tensorboardX
+  hydra-core omegaconf bitarray scikit-learn qm9pack tensorboardX ase tblite
 
 echo "[bootstrap] step 3/3: this package + fairseq-fixed (compiled once, ~4 min on 2 cores)"
 pip_q install -q --no-cache-dir -c constraints.txt --no-build-isolation -e ".[fairseq,featurize,plot,test,qm9]"

@@ -8,6 +8,9 @@ Examples::
     graphormer-ext-preprocess csv --path mols.csv --smiles-column smiles \
         --label-columns a,b --out lmdb/x
     graphormer-ext-preprocess sdf --path mols.sdf --label-properties gap --out lmdb/y
+    graphormer-ext-preprocess md17 --path md17_ethanol.npz --train 950 --valid 50 \
+        --out lmdb/md17_ethanol
+    graphormer-ext-preprocess pdbbind --root PDBbind_v2016 --cutoff 5 --out lmdb/pdbbind
     graphormer-ext-preprocess stats lmdb/pcqm4mv2
 
 Each run writes ``<out>/<split>.lmdb`` and ``<out>/<split>.skipped.tsv`` per split, logs
@@ -145,6 +148,8 @@ def _build_source(args: argparse.Namespace):
             split_column=args.split_column,
             split_fractions=tuple(args.split_fractions),
             seed=args.seed,
+            conformers=getattr(args, "conformers", False),
+            conformer_seed=getattr(args, "conformer_seed", 0),
         )
     if args.command == "sdf":
         from graphormer_ext.sources.custom import SDFSource
@@ -156,6 +161,33 @@ def _build_source(args: argparse.Namespace):
             split_fractions=tuple(args.split_fractions),
             seed=args.seed,
             use_3d=not args.no_3d,
+        )
+    if args.command == "md17":
+        from graphormer_ext.sources.md17 import MD17Source
+
+        return MD17Source(
+            args.path,
+            molecule=args.molecule,
+            train=args.train,
+            valid=args.valid,
+            test=args.test,
+            seed=args.seed,
+            format=args.format,
+        )
+    if args.command == "pdbbind":
+        from graphormer_ext.sources.pdbbind import PDBBindSource
+
+        return PDBBindSource(
+            args.root,
+            version=args.version,
+            cutoff=args.cutoff,
+            valid_fraction=args.valid_fraction,
+            valid_size=args.valid_size,
+            seed=args.seed,
+            index_path=args.index,
+            core_dir=args.core_dir,
+            pocket_source=args.pocket_source,
+            keep_waters=args.keep_waters,
         )
     raise ValueError(f"unknown command {args.command!r}")
 
@@ -200,6 +232,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             path_convention=args.path_convention,
             max_atoms=max_atoms,
             remove_hs=remove_hs,
+            featurize=getattr(source, "featurize", None),
             workers=args.workers,
             limit=args.limit,
             total=total,
@@ -345,6 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("TRAIN", "VALID", "TEST"),
     )
     p.add_argument("--seed", type=int, default=0, help="random split seed")
+    p.add_argument(
+        "--conformers",
+        action="store_true",
+        help="generate a 3D conformer per molecule (RDKit ETKDG + MMFF94, seeded); "
+        "molecules that fail to embed are skipped and listed",
+    )
+    p.add_argument(
+        "--conformer-seed", type=int, default=0, help="ETKDG random seed (default 0)"
+    )
     _common(p)
 
     p = sub.add_parser("sdf", help="an SDF with labels as properties (3D kept)")
@@ -371,6 +413,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="random split seed")
     _common(p)
+
+    p = sub.add_parser(
+        "md17", help="MD17 / rMD17 npz trajectory (energy kcal/mol, forces kcal/mol/Å)"
+    )
+    p.add_argument(
+        "--path", required=True, help="sGDML or rMD17 .npz (or a folder + --molecule)"
+    )
+    p.add_argument("--molecule", default=None, help="molecule name (file in a folder)")
+    p.add_argument("--train", type=int, default=950, help="train frames (default 950)")
+    p.add_argument("--valid", type=int, default=50, help="valid frames (default 50)")
+    p.add_argument(
+        "--test", type=int, default=None, help="test frames (default: the rest)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument(
+        "--format", choices=("auto", "sgdml", "rmd17"), default="auto", help="npz keys"
+    )
+    _common(p)
+
+    p = sub.add_parser(
+        "pdbbind",
+        help="PDBbind v2016 refined set (train/valid) + CASF core set (test), -logKd/Ki",
+    )
+    p.add_argument(
+        "--root", required=True, help="folder with refined-set/ and coreset/"
+    )
+    p.add_argument("--version", default="2016", help="index file year (default 2016)")
+    p.add_argument(
+        "--cutoff",
+        type=float,
+        default=5.0,
+        help="keep pocket heavy atoms within this many Å of the ligand (default 5.0)",
+    )
+    p.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=0.1,
+        help="share of non-core refined complexes in valid (default 0.1)",
+    )
+    p.add_argument(
+        "--valid-size", type=int, default=None, help="valid complexes (overrides fraction)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="train/valid split seed")
+    p.add_argument("--index", default=None, help="index file (default: refined-set/index/)")
+    p.add_argument("--core-dir", default=None, help="core set folder (default <root>/coreset)")
+    p.add_argument(
+        "--pocket-source",
+        choices=("pocket", "protein"),
+        default="pocket",
+        help="read <id>_pocket.pdb (10 Å residues) or <id>_protein.pdb (cutoff > 10 Å)",
+    )
+    p.add_argument("--keep-waters", action="store_true", help="keep crystal waters")
+    _common(p)
+    # ligand + pocket graphs are larger than molecules: ~30 + ~150-250 atoms at 5 Å
+    p.set_defaults(max_atoms=512)
 
     p = sub.add_parser("stats", help="print the statistics of existing split files")
     p.add_argument("dir", help="folder of <split>.lmdb files (or one .lmdb file)")

@@ -72,3 +72,14 @@ PATH_CONVENTIONS = ("fixed", "legacy")  # "legacy" = released Transformer-M "ato
 INDEX_KEY = b"__index__"
 SIZES = "sizes"  # int64 [num_entries]
 SOURCE_INDEX = "source_index"  # int64 [num_entries]
+
+# --- point-cloud records (3D models: GeoMFormer, 3D-GSRD; MD17) -----------------------------------
+# A point-cloud record stores ``z`` + ``pos`` (+ ``y``, ``forces``) instead of the graph keys above;
+# see :mod:`graphormer_ext.data.collator_3d`. Atomic numbers are stored raw (H = 1), so 0 is padding
+# with no offset. A graph record's Z is recovered as ``x[:, 0] - Z_FROM_X0`` (stored x0 = Z - 1 + 2).
+Z = "z"  # int16 [N] atomic numbers, >= 1; collated int64 [B, N], 0 = padding
+FORCES = "forces"  # float32 [N, 3], same energy/length units as ``y``/``pos`` (MD17: kcal/mol/Å)
+ENERGY = Y  # energies are stored as the target ``y`` (float32 [1]; MD17: kcal/mol)
+ATOM_MASK = "atom_mask"  # batch only: bool [B, N], True on real atoms
+POINT_CLOUD_KEYS = (Z, POS)  # required in every point-cloud record
+Z_FROM_X0 = X_SHIFT - 1  # Z = x[:, 0] - 1

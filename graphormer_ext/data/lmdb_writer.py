@@ -90,7 +90,10 @@ def _process_one(item: Any, featurize: Callable | None, kwargs: dict) -> tuple:
             raise TypeError(
                 f"expected a SourceRecord or a record dict, got {type(item).__name__}"
             )
-        missing = [k for k in K.STORED_KEYS if k not in rec]
+        # point-cloud records (z + pos, e.g. MD17) have no graph keys
+        point_cloud = K.Z in rec and K.X not in rec
+        required = K.POINT_CLOUD_KEYS if point_cloud else K.STORED_KEYS
+        missing = [k for k in required if k not in rec]
         if missing:
             raise KeyError(f"featurized record lacks required keys {missing}")
         buf = codec.encode(rec)
@@ -100,6 +103,8 @@ def _process_one(item: Any, featurize: Callable | None, kwargs: dict) -> tuple:
             if y is not None
             else np.zeros(0)
         )
+        if point_cloud:
+            return (_OK, buf, int(rec[K.Z].shape[0]), True, y, 0)
         hops = int(rec[K.EDGE_INPUT].shape[2]) if rec[K.EDGE_INPUT].ndim == 4 else 0
         return (_OK, buf, int(rec[K.X].shape[0]), K.POS in rec, y, hops)
     except MoleculeError as exc:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphormer_ext.data import keys as K
 from graphormer_ext.featurize.molecules import (
     heavy_formula,
     mol_from_molblock,
@@ -12,9 +13,20 @@ from graphormer_ext.featurize.molecules import (
     smiles_heavy_formula,
 )
 from graphormer_ext.featurize.ogb_features import FEATURIZER_VERSION, mol_to_graph
-from graphormer_ext.sources.base import KINDS, MoleculeError, SourceError, SourceRecord
+from graphormer_ext.sources.base import (
+    ARRAYS_KIND,
+    KINDS,
+    MoleculeError,
+    SourceError,
+    SourceRecord,
+)
 
-__all__ = ["FEATURIZER_VERSION", "featurize_record", "parse_record"]
+__all__ = [
+    "FEATURIZER_VERSION",
+    "featurize_record",
+    "parse_record",
+    "point_cloud_record",
+]
 
 
 def parse_record(rec: SourceRecord, *, remove_hs: bool = True):
@@ -44,6 +56,10 @@ def parse_record(rec: SourceRecord, *, remove_hs: bool = True):
             template_smiles=rec.template_smiles,
             remove_hs=remove_hs,
         )
+    if rec.kind == "complex":  # protein-ligand complex (featurize/complexes.py, PDBbind)
+        from graphormer_ext.featurize.complexes import mol_from_complex_payload
+
+        return mol_from_complex_payload(rec.text, rec.item)
     raise ValueError(
         f"{rec.item}: unknown record kind {rec.kind!r}; expected one of {KINDS}"
     )
@@ -81,7 +97,12 @@ def featurize_record(
         MoleculeError: this molecule is unusable (skip it and list it with the reason).
         SourceError: ``rec.check_smiles`` has a different heavy-atom formula, i.e. the
             dataset is misaligned (stop the run).
+
+    A ``kind="arrays"`` record (a point cloud, e.g. an MD17 frame) bypasses RDKit and
+    the graph features: see :func:`point_cloud_record`.
     """
+    if rec.kind == ARRAYS_KIND:
+        return point_cloud_record(rec, max_atoms=max_atoms)
     mol = parse_record(rec, remove_hs=remove_hs)
     if rec.check_smiles is not None:
         got = heavy_formula(mol)
@@ -122,3 +143,67 @@ def featurize_record(
         max_hops=max_hops,
         path_convention=path_convention,
     )
+
+
+def point_cloud_record(
+    rec: SourceRecord, *, max_atoms: int | None = None
+) -> dict[str, np.ndarray]:
+    """Validate a ``kind="arrays"`` record and return its stored point-cloud record.
+
+    Args:
+        rec: a record whose ``arrays`` holds ``z`` [N], ``pos`` [N, 3] (Å) and
+            optionally ``forces`` [N, 3] (keys of :mod:`graphormer_ext.data.keys`).
+        max_atoms: largest accepted number of atoms; ``None`` accepts any.
+
+    Returns:
+        ``{"z": int16 [N], "pos": float32 [N, 3], "y": float32 [T]}`` plus ``"forces":
+        float32 [N, 3]`` if given. Units are the source's (see its ``describe()``).
+
+    Raises:
+        MoleculeError: missing arrays, wrong shapes, atomic numbers outside 1..118,
+            non-finite positions or forces, infinite labels, or more than ``max_atoms``
+            atoms.
+    """
+    arrays = rec.arrays
+    if not arrays:
+        raise MoleculeError(rec.item, f"kind={ARRAYS_KIND!r} record without arrays")
+    missing = [k for k in K.POINT_CLOUD_KEYS if k not in arrays]
+    if missing:
+        raise MoleculeError(
+            rec.item, f"arrays lack {missing}; have {sorted(arrays)}"
+        )
+    z = np.asarray(arrays[K.Z])
+    pos = np.asarray(arrays[K.POS])
+    if z.ndim != 1 or z.size == 0:
+        raise MoleculeError(
+            rec.item, f"{K.Z!r} must be a non-empty [N] array, got {z.shape}"
+        )
+    n = z.shape[0]
+    if pos.shape != (n, 3):
+        raise MoleculeError(
+            rec.item, f"{K.POS!r} has shape {pos.shape}, expected ({n}, 3)"
+        )
+    if not np.issubdtype(z.dtype, np.integer) or z.min() < 1 or z.max() > 118:
+        raise MoleculeError(rec.item, f"{K.Z!r} must hold atomic numbers 1..118")
+    if max_atoms is not None and n > max_atoms:
+        raise MoleculeError(
+            rec.item, f"{n} atoms is more than the maximum N = {max_atoms}"
+        )
+    out = {K.Z: z.astype(np.int16), K.POS: pos.astype(np.float32)}
+    y = np.asarray(rec.y, dtype=np.float32).reshape(-1)
+    if not np.isfinite(pos).all():
+        raise MoleculeError(rec.item, "non-finite positions")
+    # NaN is the hidden-label convention (keys.py); inf is an error
+    if np.isinf(y).any():
+        raise MoleculeError(rec.item, "infinite label")
+    out[K.Y] = y
+    if arrays.get(K.FORCES) is not None:
+        forces = np.asarray(arrays[K.FORCES])
+        if forces.shape != (n, 3):
+            raise MoleculeError(
+                rec.item, f"{K.FORCES!r} has shape {forces.shape}, expected ({n}, 3)"
+            )
+        if not np.isfinite(forces).all():
+            raise MoleculeError(rec.item, "non-finite forces")
+        out[K.FORCES] = forces.astype(np.float32)
+    return out

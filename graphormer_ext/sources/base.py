@@ -9,6 +9,8 @@ from typing import Iterator
 import numpy as np
 
 KINDS = ("smiles", "molblock", "xyz")
+# Point clouds (e.g. MD17 frames) skip RDKit: ``SourceRecord.arrays`` holds z/pos/forces.
+ARRAYS_KIND = "arrays"
 
 
 class MoleculeError(ValueError):
@@ -45,6 +47,9 @@ class SourceRecord:
             (catches a misaligned SDF); a mismatch is a :class:`SourceError`.
         charge: total charge for bond perception from XYZ.
         template_smiles: bond-order template for XYZ perception fallback.
+        arrays: for ``kind="arrays"`` (:data:`ARRAYS_KIND`) only: the point-cloud arrays
+            ``{"z": [N] atomic numbers, "pos": [N, 3] Å, "forces": [N, 3] (optional)}``
+            under :mod:`graphormer_ext.data.keys` names; ``text`` is then unused (``""``).
     """
 
     split: str
@@ -57,6 +62,7 @@ class SourceRecord:
     check_smiles: str | None = None
     charge: int = 0
     template_smiles: str | None = None
+    arrays: dict | None = None
 
 
 class Source:

@@ -9,6 +9,8 @@ becomes NaN (ignored by the losses); a missing column or property is a
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import gzip
 import logging
 import math
@@ -18,7 +20,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from graphormer_ext.sources.base import Source, SourceError, SourceRecord
+from graphormer_ext.sources.base import MoleculeError, Source, SourceError, SourceRecord
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ def _assign_splits(
 
 
 class CSVSource(Source):
-    """A CSV (or ``.csv.gz`` / ``.tsv``) of SMILES and numeric labels; 2D only.
+    """A CSV (``.csv.gz``, ``.tsv``) of SMILES and numeric labels; 3D with ``conformers``.
 
     Args:
         path: the file; ``.tsv`` files are tab-separated.
@@ -106,6 +108,11 @@ class CSVSource(Source):
         split_fractions: ``train, valid, test`` fractions of the random split.
         seed: seed of the random split.
         label_units: optional unit per label, recorded by :meth:`describe`.
+        conformers: generate a 3D conformer per molecule (RDKit ETKDG, then MMFF94),
+            seeded by ``conformer_seed``, and store it as ``pos``; a molecule whose
+            embedding fails is skipped and listed. The work happens in the featurize
+            workers (:attr:`featurize`, passed to the writer).
+        conformer_seed: ETKDG ``randomSeed``.
 
     Raises:
         SourceError: missing file or column (the message lists the columns), a
@@ -123,8 +130,18 @@ class CSVSource(Source):
         split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
         seed: int = 0,
         label_units: Sequence[str] | None = None,
+        conformers: bool = False,
+        conformer_seed: int = 0,
     ):
         self.path = Path(path)
+        self.conformers = bool(conformers)
+        self.conformer_seed = int(conformer_seed)
+        # the writer's featurize function: None = the default (2D from SMILES)
+        self.featurize = (
+            functools.partial(featurize_with_conformer, seed=self.conformer_seed)
+            if self.conformers
+            else None
+        )
         self.smiles_column = smiles_column
         self.label_columns = list(label_columns or ())
         self.split_column = split_column
@@ -221,7 +238,65 @@ class CSVSource(Source):
             "split": self.split_column
             or {"fractions": list(self.split_fractions), "seed": self.seed},
             "splits": self.splits(),
+            "conformers": (
+                {"method": "ETKDGv3+MMFF94", "seed": self.conformer_seed}
+                if self.conformers
+                else None
+            ),
         }
+
+
+def embed_conformer(smiles: str, item: str, seed: int = 0, mmff_iters: int = 500):
+    """A seeded 3D conformer of a SMILES: ETKDGv3 embedding, then MMFF94 relaxation.
+
+    Hydrogens are added for the embedding and kept in the returned molecule. When ETKDG
+    fails it is retried from random coordinates; MMFF is skipped (ETKDG geometry kept)
+    for molecules without MMFF parameters.
+
+    Returns:
+        ``rdkit.Chem.Mol`` with explicit hydrogens and one conformer (Å).
+
+    Raises:
+        MoleculeError: unreadable SMILES, or no conformer could be embedded.
+    """
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    from graphormer_ext.featurize.molecules import mol_from_smiles
+
+    mol = Chem.AddHs(mol_from_smiles(smiles, item))
+    params = AllChem.ETKDGv3()
+    params.randomSeed = int(seed)
+    if AllChem.EmbedMolecule(mol, params) != 0:
+        params.useRandomCoords = True
+        if AllChem.EmbedMolecule(mol, params) != 0:
+            raise MoleculeError(
+                item, f"RDKit ETKDG could not embed a 3D conformer for {smiles!r}"
+            )
+    if AllChem.MMFFHasAllMoleculeParams(mol):
+        AllChem.MMFFOptimizeMolecule(mol, maxIters=int(mmff_iters))
+    return mol
+
+
+def featurize_with_conformer(rec: SourceRecord, *, seed: int = 0, **kwargs):
+    """Featurize a SMILES record with a generated 3D conformer (picklable for pools).
+
+    ``kwargs`` are those of
+    :func:`graphormer_ext.featurize.pipeline.featurize_record`.
+
+    Raises:
+        MoleculeError: unreadable SMILES or failed embedding (counted as a skip).
+    """
+    from rdkit import Chem
+
+    from graphormer_ext.featurize.pipeline import featurize_record
+
+    if rec.kind != "smiles":
+        return featurize_record(rec, **kwargs)
+    mol = embed_conformer(rec.text, rec.item, seed=seed)
+    block = Chem.MolToMolBlock(mol)
+    rec3d = dataclasses.replace(rec, kind="molblock", text=block, use_3d=True)
+    return featurize_record(rec3d, **kwargs)
 
 
 def sdf_properties(block: str) -> dict[str, str]:

@@ -1,4 +1,11 @@
 """Registered fairseq criterions."""
+from .affinity_regression import AffinityRegressionConfig, AffinityRegressionCriterion
 from .graph_prediction import GraphPredictionCriterion, GraphPredictionCriterionConfig
+from .graph_prediction_qm9 import (
+    GraphPredictionQM9Criterion,
+    GraphPredictionQM9CriterionConfig,
+)
 
-__all__ = ["GraphPredictionCriterion", "GraphPredictionCriterionConfig"]
+__all__ = ["AffinityRegressionConfig", "AffinityRegressionCriterion",
+           "GraphPredictionCriterion", "GraphPredictionCriterionConfig",
+           "GraphPredictionQM9Criterion", "GraphPredictionQM9CriterionConfig"]

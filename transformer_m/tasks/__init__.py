@@ -1,4 +1,6 @@
 """Registered fairseq tasks."""
 from .graph_prediction import GraphPredictionConfig, GraphPredictionTask
+from .graph_prediction_qm9 import GraphPredictionQM9Config, GraphPredictionQM9Task
 
-__all__ = ["GraphPredictionConfig", "GraphPredictionTask"]
+__all__ = ["GraphPredictionConfig", "GraphPredictionTask", "GraphPredictionQM9Config",
+           "GraphPredictionQM9Task"]
