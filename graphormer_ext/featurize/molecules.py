@@ -103,6 +103,73 @@ def _graph_key(mol) -> str:
     return Chem.MolToSmiles(Chem.RemoveAllHs(mol), isomericSmiles=False)
 
 
+
+def _single_bond_skeleton(mol):
+    """Copy of ``mol`` with every bond single and no aromaticity, charge or H flags: the bare
+    connectivity, for matching a bond graph against distance-based connectivity."""
+    Chem, _ = _rdkit()
+    g = Chem.RWMol(mol)
+    for bond in g.GetBonds():
+        bond.SetBondType(Chem.BondType.SINGLE)
+        bond.SetIsAromatic(False)
+    for atom in g.GetAtoms():
+        atom.SetIsAromatic(False)
+        atom.SetFormalCharge(0)
+        atom.SetNoImplicit(True)
+        atom.SetNumExplicitHs(0)
+    g.UpdatePropertyCache(strict=False)
+    Chem.FastFindRings(g)
+    return g.GetMol()
+
+
+def _template_with_geometry(raw, template, charge: int):
+    """The template's own bond graph with coordinates taken from the XYZ geometry, in XYZ order.
+
+    For strained cages, distance-based connectivity adds bonds that no bond-order assignment
+    can satisfy, but the true graph is still a subgraph of it. The template (with hydrogens
+    when the XYZ has them) is matched as a subgraph of that connectivity; among the matches,
+    the one whose template bonds are shortest in the geometry is used (a false "bond" across a
+    cage is longer than a real one). Stereo is then assigned from the coordinates.
+
+    Raises:
+        ValueError: atom counts differ, or the template graph is not a subgraph.
+    """
+    Chem, _ = _rdkit()
+    from rdkit.Chem import rdDetermineBonds
+
+    conn = Chem.Mol(raw)
+    rdDetermineBonds.DetermineConnectivity(conn, charge=charge)
+    has_h = any(a.GetAtomicNum() == 1 for a in conn.GetAtoms())
+    reference = Chem.AddHs(template) if has_h else Chem.Mol(template)
+    if reference.GetNumAtoms() != conn.GetNumAtoms():
+        raise ValueError(
+            f"template has {reference.GetNumAtoms()} atoms, the geometry {conn.GetNumAtoms()}"
+        )
+    matches = _single_bond_skeleton(conn).GetSubstructMatches(
+        _single_bond_skeleton(reference), uniquify=False, maxMatches=2000
+    )
+    if not matches:
+        raise ValueError("the template graph is not a subgraph of the geometry's connectivity")
+    xyz = raw.GetConformer().GetPositions()
+    ends = np.array([(b.GetBeginAtomIdx(), b.GetEndAtomIdx()) for b in reference.GetBonds()])
+
+    def bond_length_sum(match):
+        m = np.asarray(match)
+        if len(ends) == 0:
+            return 0.0
+        return float(np.linalg.norm(xyz[m[ends[:, 0]]] - xyz[m[ends[:, 1]]], axis=1).sum())
+
+    match = min(matches, key=bond_length_sum)  # match[t] = XYZ index of template atom t
+    order = sorted(range(len(match)), key=lambda t: match[t])
+    mol = Chem.RenumberAtoms(reference, order)  # new atom k = XYZ atom k
+    conf = Chem.Conformer(mol.GetNumAtoms())
+    for k in range(mol.GetNumAtoms()):
+        conf.SetAtomPosition(k, xyz[k].tolist())
+    mol.RemoveAllConformers()
+    mol.AddConformer(conf, assignId=True)
+    Chem.AssignStereochemistryFrom3D(mol)
+    return mol
+
 def mol_from_xyz(
     xyz_block: str,
     item: str,
@@ -116,7 +183,9 @@ def mol_from_xyz(
     or its graph differs from ``template_smiles`` (compared as canonical heavy-atom
     SMILES without stereo), the fallback is ``DetermineConnectivity`` followed by
     ``AllChem.AssignBondOrdersFromTemplate``. This recovers about 93% of QM9 (data spec
-    §2.3); the rest are strained cages and raise.
+    §2.3). For the rest, strained cages where distance-based connectivity adds bonds, the
+    template's own graph is matched as a subgraph of that connectivity and takes the XYZ
+    coordinates (:func:`_template_with_geometry`).
 
     Args:
         xyz_block: ``N``, a comment line, then ``N`` lines ``element x y z``.
@@ -198,6 +267,13 @@ def mol_from_xyz(
             failures.append(f"template fallback gave {_graph_key(assigned)!r}")
         except Exception as e:  # no substructure match, valence errors
             failures.append(f"template fallback failed ({e})")
+        try:
+            mapped = _template_with_geometry(raw, template, charge)
+            if _graph_key(mapped) == template_key:
+                return Chem.RemoveAllHs(mapped) if remove_hs else mapped
+            failures.append(f"template mapping gave {_graph_key(mapped)!r}")
+        except Exception as e:
+            failures.append(f"template mapping failed ({e})")
     raise MoleculeError(
         item,
         "XYZ bond perception does not reproduce the template: " + "; ".join(failures),

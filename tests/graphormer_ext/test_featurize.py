@@ -300,3 +300,45 @@ def test_featurize_speed_smoke():
         mol_to_graph(molecules.mol_from_smiles(smi, "x"))
     rate = len(smiles) / (time.perf_counter() - start)
     assert rate > 300, f"{rate:.0f} molecules/s"
+
+
+# QM9 gdb_105 (bicyclo[1.1.1]pentane, DFT geometry from qm9pack): distance-based connectivity
+# bonds the two bridgeheads across the cage, so bond orders cannot be assigned from it.
+GDB_105_XYZ = """13
+gdb_105
+C -0.0445774324 1.5704237601 0.0110417803
+C 1.4740896832 1.2298426501 -0.0067263896
+C 1.1682993117 0.1443109379 1.0663744852
+C 0.0391253719 0.0162093398 0.0024263012
+C 1.1462118991 0.1542190803 -1.0826776727
+H -0.432979399 2.0365230932 0.9212539305
+H -0.4522920887 2.0457291576 -0.8859162855
+H 2.3071156075 1.9344078755 -0.0121404539
+H 1.8734729739 -0.6889311545 1.1373305611
+H 0.8720963351 0.5020028465 2.0568232459
+H -0.79393529 -0.6883164323 0.0076413099
+H 0.8299890169 0.5207143173 -2.063620376
+H 1.8497119208 -0.6782799316 -1.1756418065
+"""
+
+
+def test_xyz_strained_cage_keeps_template_graph_and_dft_coordinates():
+    from rdkit import Chem
+    from rdkit.Chem import rdDetermineBonds
+
+    from graphormer_ext.featurize.molecules import mol_from_xyz, positions
+
+    raw = Chem.MolFromXYZBlock(GDB_105_XYZ)
+    with pytest.raises(Exception):  # the plain perception fails on this cage
+        rdDetermineBonds.DetermineBonds(Chem.Mol(raw), charge=0)
+    mol = mol_from_xyz(GDB_105_XYZ, "gdb_105", template_smiles="C1C2CC1C2", remove_hs=False)
+    template = Chem.MolFromSmiles("C1C2CC1C2")
+    assert Chem.MolToSmiles(Chem.RemoveAllHs(mol)) == Chem.MolToSmiles(template)
+    # atoms stay in XYZ order with their own coordinates, and every bond is a real (short) one
+    assert [a.GetSymbol() for a in mol.GetAtoms()] == [line.split()[0] for line in GDB_105_XYZ.splitlines()[2:]]
+    np.testing.assert_allclose(positions(mol), raw.GetConformer().GetPositions(), atol=1e-6)
+    xyz = positions(mol)
+    lengths = [np.linalg.norm(xyz[b.GetBeginAtomIdx()] - xyz[b.GetEndAtomIdx()]) for b in mol.GetBonds()]
+    assert max(lengths) < 1.7 and mol.GetNumBonds() == template.GetNumBonds() + 8  # + C-H bonds
+    heavy = mol_from_xyz(GDB_105_XYZ, "gdb_105", template_smiles="C1C2CC1C2")
+    assert heavy.GetNumAtoms() == 5
