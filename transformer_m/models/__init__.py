@@ -1,4 +1,5 @@
 """Registered fairseq models and architectures."""
 from .transformer_m import TransformerMConfig, TransformerMModel
+from .gsrd import GsrdConfig, GsrdModel  # noqa: F401  (3D-GSRD)
 
 __all__ = ["TransformerMConfig", "TransformerMModel"]
