@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate the charged 5-body dataset (EGNN protocol) as {train,valid,test}.npz.
 
-    python scripts/make_nbody.py --out data/nbody            # 3,000 / 2,000 / 2,000
+    python scripts/make_nbody.py --out runs/nbody            # 3,000 / 2,000 / 2,000
     python scripts/make_nbody.py --out /tmp/nb --train 64 --valid 32 --test 32
 """
 import argparse

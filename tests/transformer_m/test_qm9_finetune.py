@@ -104,7 +104,9 @@ class ConstModel(torch.nn.Module):
 
 
 def reduce(criterion_cls, logs):
-    with metrics.aggregate() as agg:
+    # new_root: fairseq's aggregators are process-global; other tests' criteria log the
+    # same names (e.g. a derived 'mae'), which a real run, with one criterion, never mixes.
+    with metrics.aggregate(new_root=True) as agg:
         criterion_cls.reduce_metrics(logs)
     return {k: float(v) for k, v in agg.get_smoothed_values().items()}
 
