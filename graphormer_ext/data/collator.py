@@ -23,7 +23,7 @@ from graphormer_ext.data import keys as K
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Collator", "PadSpec", "PAD_TABLE"]
+__all__ = ["Collator", "PadSpec", "PAD_TABLE", "split_samples"]
 
 
 def _fill_nodes(out: np.ndarray, b: int, arr: np.ndarray, n: int, h: int) -> None:
@@ -41,6 +41,32 @@ def _fill_hops(out: np.ndarray, b: int, arr: np.ndarray, n: int, h: int) -> None
     hi = min(arr.shape[2], h)
     if hi:
         out[b, :n, :n, :hi] = arr[:, :, :hi]
+
+
+def split_samples(samples: Sequence[Any]) -> tuple[np.ndarray, list[dict]]:
+    """Indices and records of a list of samples, each ``(index, record)`` or a record dict that
+    carries :data:`keys.IDX` (shared by every collator).
+
+    Returns:
+        ``(idx int64 [B], records)``.
+    """
+    idx = np.empty(len(samples), dtype=np.int64)
+    records = []
+    for b, s in enumerate(samples):
+        if isinstance(s, dict):
+            if K.IDX not in s:
+                raise KeyError(
+                    f"sample {b} has no {K.IDX!r}; pass (index, record) tuples "
+                    "or records with "
+                    f"{K.IDX!r}"
+                )
+            idx[b] = int(s[K.IDX])
+            records.append(s)
+        else:
+            i, rec = s
+            idx[b] = int(i)
+            records.append(rec)
+    return idx, records
 
 
 @dataclass(frozen=True)
@@ -126,30 +152,11 @@ class Collator:
             f"with_pos={self.with_pos})"
         )
 
-    @staticmethod
-    def _split(samples: Sequence[Any]) -> tuple[np.ndarray, list[dict]]:
-        idx = np.empty(len(samples), dtype=np.int64)
-        records = []
-        for b, s in enumerate(samples):
-            if isinstance(s, dict):
-                if K.IDX not in s:
-                    raise KeyError(
-                        f"sample {b} has no {K.IDX!r}; pass (index, record) tuples "
-                        "or records with "
-                        f"{K.IDX!r}"
-                    )
-                idx[b] = int(s[K.IDX])
-                records.append(s)
-            else:
-                i, rec = s
-                idx[b] = int(i)
-                records.append(rec)
-        return idx, records
 
     def __call__(self, samples: Sequence[Any]) -> dict[str, torch.Tensor]:
         if len(samples) == 0:
             raise ValueError("Collator got an empty list of samples")
-        idx, records = self._split(samples)
+        idx, records = split_samples(samples)
         bsz = len(records)
         sizes = np.fromiter(
             (r[K.X].shape[0] for r in records), dtype=np.int64, count=bsz

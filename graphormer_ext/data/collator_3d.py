@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from graphormer_ext.data import keys as K
+from graphormer_ext.data.collator import split_samples
 
 logger = logging.getLogger(__name__)
 
@@ -93,29 +94,10 @@ class PointCloudCollator:
             f"center={self.center})"
         )
 
-    @staticmethod
-    def _split(samples: Sequence[Any]) -> tuple[np.ndarray, list[dict]]:
-        idx = np.empty(len(samples), dtype=np.int64)
-        records = []
-        for b, s in enumerate(samples):
-            if isinstance(s, dict):
-                if K.IDX not in s:
-                    raise KeyError(
-                        f"sample {b} has no {K.IDX!r}; pass (index, record) tuples or "
-                        f"records with {K.IDX!r}"
-                    )
-                idx[b] = int(s[K.IDX])
-                records.append(s)
-            else:
-                i, rec = s
-                idx[b] = int(i)
-                records.append(rec)
-        return idx, records
-
     def __call__(self, samples: Sequence[Any]) -> dict[str, torch.Tensor]:
         if len(samples) == 0:
             raise ValueError("PointCloudCollator got an empty list of samples")
-        idx, records = self._split(samples)
+        idx, records = split_samples(samples)
         bsz = len(records)
         zs = []
         for b, rec in enumerate(records):
