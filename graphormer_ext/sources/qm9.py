@@ -266,7 +266,7 @@ def _check_files(directory: Path, names: Sequence[str]) -> list[Path]:
 
 
 class _SeededSplits:
-    """Split bookkeeping of both readers: per split, positions into the molecules."""
+    """What both readers share: seeded splits (positions into the molecules), iteration, files."""
 
     def _make_splits(self, n: int, split: str, sizes: Sequence[int], seed: int) -> None:
         if split == "seeded":
@@ -293,6 +293,15 @@ class _SeededSplits:
         if split not in self._splits:
             raise SourceError(f"QM9 has no split {split!r} (have {list(self._splits)})")
         return self._splits[split]
+
+    def iter_split(self, split: str) -> Iterator[SourceRecord]:
+        """Yield the split's records in index order (``self.record`` builds each one)."""
+        for index, pos in enumerate(self.split_positions(split)):
+            yield self.record(split, index, int(pos))
+
+    def files(self) -> list[Path]:
+        """The input files read (their checksum goes into the LMDB meta record)."""
+        return list(self._paths)
 
 
 class QM9PackSource(_SeededSplits, Source):
@@ -458,15 +467,6 @@ class QM9PackSource(_SeededSplits, Source):
             charge=0,
             template_smiles=self.smiles[pos],
         )
-
-    def iter_split(self, split: str) -> Iterator[SourceRecord]:
-        """Yield the split's records in index order."""
-        for index, pos in enumerate(self.split_positions(split)):
-            yield self.record(split, index, int(pos))
-
-    def files(self) -> list[Path]:
-        """The three qm9pack CSVs."""
-        return list(self._paths)
 
     def describe(self) -> dict:
         """Target names and units, split scheme and options (LMDB meta record)."""
@@ -656,15 +656,6 @@ class QM9PyGRawSource(_SeededSplits, Source):
             y=self._targets[pos].astype(np.float32),
             use_3d=self.use_3d,
         )
-
-    def iter_split(self, split: str) -> Iterator[SourceRecord]:
-        """Yield the split's records in index order."""
-        for index, pos in enumerate(self.split_positions(split)):
-            yield self.record(split, index, int(pos))
-
-    def files(self) -> list[Path]:
-        """``gdb9.sdf``, ``gdb9.sdf.csv`` and ``uncharacterized.txt``."""
-        return list(self._paths)
 
     def describe(self) -> dict:
         """Target names and units, split, skip count and options (LMDB meta record)."""
