@@ -43,7 +43,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default=str(ROOT / "data" / "pcqm4m-v2-qm9"))
     ap.add_argument("--out", default=str(ROOT / "runs" / "demo"))
-    ap.add_argument("--max-epoch", type=int, default=6)
+    ap.add_argument("--max-epoch", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=1)
