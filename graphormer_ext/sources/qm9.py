@@ -303,6 +303,17 @@ class _SeededSplits:
         """The input files read (their checksum goes into the LMDB meta record)."""
         return list(self._paths)
 
+    def _describe_common(self) -> dict:
+        """Meta-record facts both readers report: targets and units, split, options."""
+        return {
+            "targets": [{"name": t.name, "unit": t.unit} for t in QM9_TARGETS],
+            "split": self.split_scheme,
+            "seed": self.seed,
+            "num_molecules": int(len(self.gdb_index)),
+            "use_3d": self.use_3d,
+            "remove_hs": self.remove_hs,
+        }
+
 
 class QM9PackSource(_SeededSplits, Source):
     """QM9 from the ``qm9pack`` CSVs: 130,831 molecules, DFT geometries (kind ``xyz``).
@@ -473,12 +484,7 @@ class QM9PackSource(_SeededSplits, Source):
         return {
             "source": self.name,
             "dataset": "QM9 (Ramakrishnan et al. 2014) via qm9pack",
-            "targets": [{"name": t.name, "unit": t.unit} for t in QM9_TARGETS],
-            "split": self.split_scheme,
-            "seed": self.seed,
-            "num_molecules": int(len(self.gdb_index)),
-            "use_3d": self.use_3d,
-            "remove_hs": self.remove_hs,
+            **self._describe_common(),
         }
 
 
@@ -662,11 +668,6 @@ class QM9PyGRawSource(_SeededSplits, Source):
         return {
             "source": self.name,
             "dataset": "QM9 (Ramakrishnan et al. 2014), PyG raw layout",
-            "targets": [{"name": t.name, "unit": t.unit} for t in QM9_TARGETS],
-            "split": self.split_scheme,
-            "seed": self.seed,
-            "num_molecules": int(len(self.gdb_index)),
             "num_skipped_uncharacterized": int(self.num_skipped),
-            "use_3d": self.use_3d,
-            "remove_hs": self.remove_hs,
+            **self._describe_common(),
         }
