@@ -83,3 +83,12 @@ ENERGY = Y  # energies are stored as the target ``y`` (float32 [1]; MD17: kcal/m
 ATOM_MASK = "atom_mask"  # batch only: bool [B, N], True on real atoms
 POINT_CLOUD_KEYS = (Z, POS)  # required in every point-cloud record
 Z_FROM_X0 = X_SHIFT - 1  # Z = x[:, 0] - 1
+
+# --- provenance (user datasets: CSV/SDF sources) --------------------------------------------------
+# Optional keys that tie a record to its input row; the collators ignore them. Text is stored as its
+# UTF-8 bytes in a uint8 array (the codec stores numeric arrays only); read it back with
+# :func:`graphormer_ext.data.provenance.record_provenance`.
+SMILES = "smiles"  # uint8 [L] UTF-8: the input SMILES (SDF: RDKit canonical SMILES of the record)
+SOURCE_ID = "source_id"  # uint8 [L] UTF-8: the user's ID (CSV --id-column, SDF title); optional
+SOURCE_ROW = "source_row"  # int64 [1]: CSV file line (1-based, header = 1) / SDF record (1-based)
+PROVENANCE_KEYS = (SMILES, SOURCE_ID, SOURCE_ROW)

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 _SDF_END = re.compile(r"^\$\$\$\$[^\n]*(\n|$)", re.M)
 _CHUNK_CHARS = 1 << 20
+_WHITESPACE = re.compile(r"\s")
 
 
 def _rdkit():
@@ -43,11 +44,21 @@ def mol_from_smiles(smiles: str, item: str):
         ``rdkit.Chem.Mol`` with implicit hydrogens, in SMILES atom order.
 
     Raises:
-        MoleculeError: empty or unparsable SMILES, or a molecule without atoms.
+        MoleculeError: empty or unparsable SMILES, whitespace inside the SMILES, or a
+            molecule without atoms.
     """
     Chem, rdBase = _rdkit()
     if smiles is None or not str(smiles).strip():
         raise MoleculeError(item, "empty SMILES")
+    inner = _WHITESPACE.search(str(smiles).strip())
+    if inner is not None:
+        # RDKit reads text after whitespace as the molecule's name: "CC O" is ethane
+        raise MoleculeError(
+            item,
+            f"SMILES {smiles!r} contains whitespace; RDKit would read only the text "
+            "before it and take the rest as a name. Remove the whitespace, or move the "
+            "name to its own column",
+        )
     with rdBase.BlockLogs():
         mol = Chem.MolFromSmiles(str(smiles).strip())
     if mol is None:

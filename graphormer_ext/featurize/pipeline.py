@@ -26,6 +26,7 @@ __all__ = [
     "featurize_record",
     "parse_record",
     "point_cloud_record",
+    "provenance_arrays",
 ]
 
 
@@ -131,10 +132,13 @@ def featurize_record(
             )
         pos = positions(mol, rec.item)
     y = np.asarray(rec.y, dtype=np.float32).reshape(-1)
+    # NaN is the hidden-label convention (keys.py); inf would be read as missing too
+    if np.isinf(y).any():
+        raise MoleculeError(rec.item, f"infinite label {y.tolist()}")
     # Imported here: graph.py loads the compiled extension, not needed for parsing.
     from graphormer_ext.featurize.graph import graph_to_record
 
-    return graph_to_record(
+    out = graph_to_record(
         graph["node_feat"],
         graph["edge_index"],
         graph["edge_attr"],
@@ -143,6 +147,34 @@ def featurize_record(
         max_hops=max_hops,
         path_convention=path_convention,
     )
+    if rec.source_row is not None:
+        out.update(provenance_arrays(rec, mol))
+    return out
+
+
+def provenance_arrays(rec: SourceRecord, mol) -> dict[str, np.ndarray]:
+    """The provenance keys of a record whose source sets ``source_row``.
+
+    Args:
+        rec: the raw record.
+        mol: its parsed molecule (for the canonical SMILES when ``rec.smiles`` is None).
+
+    Returns:
+        :data:`keys.SMILES`, :data:`keys.SOURCE_ROW` and, if ``rec.source_id`` is set,
+        :data:`keys.SOURCE_ID` (see :mod:`graphormer_ext.data.provenance`).
+    """
+    from rdkit import Chem
+
+    from graphormer_ext.data.provenance import encode_text
+
+    smiles = rec.smiles if rec.smiles is not None else Chem.MolToSmiles(mol)
+    out = {
+        K.SMILES: encode_text(smiles),
+        K.SOURCE_ROW: np.asarray([rec.source_row], dtype=np.int64),
+    }
+    if rec.source_id is not None:
+        out[K.SOURCE_ID] = encode_text(rec.source_id)
+    return out
 
 
 def point_cloud_record(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -11,6 +12,9 @@ import numpy as np
 KINDS = ("smiles", "molblock", "xyz")
 # Point clouds (e.g. MD17 frames) skip RDKit: ``SourceRecord.arrays`` holds z/pos/forces.
 ARRAYS_KIND = "arrays"
+# A split name becomes a file name (``<out>/<split>.lmdb``): a letter or digit, then letters, digits,
+# ``_``, ``-`` or ``.``; no path separator, no leading dot, so it can never leave the output folder.
+SPLIT_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class MoleculeError(ValueError):
@@ -29,6 +33,26 @@ class MoleculeError(ValueError):
 
 class SourceError(ValueError):
     """A dataset as a whole is unusable (missing file, misaligned SDF, bad split): the run stops."""
+
+
+def check_split_name(name: str, where: str) -> str:
+    """Return ``name`` if it is a safe split (file) name, else raise.
+
+    Args:
+        name: a split name read from the data (a CSV column, an SDF property).
+        where: the item the name comes from, e.g. ``"data.csv line 7 column 'fold'"``.
+
+    Raises:
+        SourceError: ``name`` does not match :data:`SPLIT_NAME_PATTERN` (it could name a
+            path outside the output folder, or a hidden file).
+    """
+    if not SPLIT_NAME_PATTERN.fullmatch(name):
+        raise SourceError(
+            f"{where}: split name {name!r} is not allowed (it becomes the file name "
+            "<out>/<split>.lmdb); use 1-64 letters, digits, '_', '-' or '.', starting "
+            "with a letter or digit, e.g. train/valid/test"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -50,6 +74,13 @@ class SourceRecord:
         arrays: for ``kind="arrays"`` (:data:`ARRAYS_KIND`) only: the point-cloud arrays
             ``{"z": [N] atomic numbers, "pos": [N, 3] Å, "forces": [N, 3] (optional)}``
             under :mod:`graphormer_ext.data.keys` names; ``text`` is then unused (``""``).
+        source_row: where the molecule is in its input file, as ``item`` names it (CSV: the
+            1-based file line, header = line 1; SDF: the 1-based record number). When set, the
+            record stores its provenance (:data:`keys.SOURCE_ROW`, :data:`keys.SMILES`, and
+            :data:`keys.SOURCE_ID` if ``source_id`` is set).
+        source_id: the user's identifier of the molecule (an ID column, an SDF title).
+        smiles: the SMILES to store as provenance; ``None`` stores RDKit's canonical SMILES
+            of the parsed molecule.
     """
 
     split: str
@@ -63,6 +94,9 @@ class SourceRecord:
     charge: int = 0
     template_smiles: str | None = None
     arrays: dict | None = None
+    source_row: int | None = None
+    source_id: str | None = None
+    smiles: str | None = None
 
 
 class Source:
@@ -88,6 +122,15 @@ class Source:
     def describe(self) -> dict:
         """JSON-able facts for the meta record (target names and units, dataset version)."""
         return {"source": self.name}
+
+    def split_rows(self, split: str) -> list[int] | None:
+        """Input rows of a split, in split order (``SourceRecord.source_row``), or ``None``.
+
+        Stored in the split's meta record, so the assignment of every input row (written
+        or skipped) to a split can be read back. Sources whose records carry no
+        ``source_row`` return ``None``.
+        """
+        return None
 
     def checksum(self) -> str:
         """sha256 over the input files, in order (name and content)."""
