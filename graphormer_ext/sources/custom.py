@@ -5,6 +5,11 @@ Splits come from a column/property holding the split name, or from a seeded rand
 ``split_fractions``. Records keep file order within each split. A missing label value
 becomes NaN (ignored by the losses); a missing column or property is a
 :class:`SourceError` that lists what the file has.
+
+Messages name file lines (1-based, the CSV header is line 1) and SDF records (1-based,
+with the line each record starts on). Every record carries its provenance (SMILES, line
+or record number, optional ID; see :mod:`graphormer_ext.data.provenance`), and each
+split's meta lists the rows assigned to it (:meth:`CSVSource.split_rows`).
 """
 from __future__ import annotations
 
@@ -15,18 +20,30 @@ import gzip
 import logging
 import math
 import re
+import zlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from graphormer_ext.sources.base import MoleculeError, Source, SourceError, SourceRecord
+from graphormer_ext.sources.base import (
+    MoleculeError,
+    Source,
+    SourceError,
+    SourceRecord,
+    check_split_name,
+)
 
 logger = logging.getLogger(__name__)
 
 RANDOM_SPLIT_NAMES = ("train", "valid", "test")
 _MISSING = {"", "nan", "na", "n/a", "none", "null"}
 _PROPERTY_HEADER = re.compile(r"<([^>]*)>")
+# --delimiter names -> characters; "auto" detects the delimiter from the header
+DELIMITERS = {"comma": ",", ",": ",", "tab": "\t", "\\t": "\t", "\t": "\t",
+              "semicolon": ";", ";": ";", "pipe": "|", "|": "|"}  # fmt: skip
+_SNIFF_ORDER = (",", "\t", ";", "|")
+_MAX_DUPLICATE_EXAMPLES = 5
 
 
 def random_split(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
@@ -67,9 +84,40 @@ def _parse_label(value: str | None, where: str) -> float:
     if value is None or value.strip().lower() in _MISSING:
         return math.nan
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise SourceError(f"{where}: label {value!r} is not a number") from None
+    # labels are stored as float32: 1e39 would become inf there
+    with np.errstate(over="ignore"):
+        stored = float(np.float32(number))
+    if math.isnan(number) or math.isinf(stored):
+        raise SourceError(
+            f"{where}: label {value!r} is not a finite float32 number; correct it, or "
+            "leave the cell empty (or 'nan') to mark the label as missing"
+        )
+    return number
+
+
+def resolve_delimiter(name: str | None) -> str | None:
+    """A ``--delimiter`` value as the character, or ``None`` for ``auto``.
+
+    Raises:
+        ValueError: an unknown name (the message lists the accepted ones).
+    """
+    if name is None or name == "auto":
+        return None
+    if name in DELIMITERS:
+        return DELIMITERS[name]
+    raise ValueError(
+        f"unknown delimiter {name!r}; use auto, comma, tab, semicolon or pipe "
+        "(or the character itself)"
+    )
+
+
+def _delimiter_name(delimiter: str) -> str:
+    return {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}.get(
+        delimiter, repr(delimiter)
+    )
 
 
 def _assign_splits(
@@ -96,10 +144,10 @@ def _assign_splits(
 
 
 class CSVSource(Source):
-    """A CSV (``.csv.gz``, ``.tsv``) of SMILES and numeric labels; 3D with ``conformers``.
+    """A CSV or TSV (optionally ``.gz``) of SMILES and numeric labels; 3D optional.
 
     Args:
-        path: the file; ``.tsv`` files are tab-separated.
+        path: the file (UTF-8; a byte-order mark is accepted).
         smiles_column: column holding the SMILES.
         label_columns: target columns, in the order of ``y``; empty cells and
             ``nan``/``NA`` are NaN.
@@ -113,10 +161,17 @@ class CSVSource(Source):
             embedding fails is skipped and listed. The work happens in the featurize
             workers (:attr:`featurize`, passed to the writer).
         conformer_seed: ETKDG ``randomSeed``.
+        delimiter: the field separator (a character, or a name of :data:`DELIMITERS`);
+            ``None`` or ``"auto"`` detects it from the header: the first of tab (for
+            ``.tsv`` names), comma, tab, semicolon and pipe under which the header has
+            every requested column.
+        id_column: optional column with the user's molecule ID, stored with each record.
 
     Raises:
-        SourceError: missing file or column (the message lists the columns), a
-            non-numeric label, or a row without a split name.
+        SourceError: missing or empty file, a file that is not UTF-8 text, a missing or
+            repeated column (the message lists the columns), a non-numeric or infinite
+            label, a row with more fields than the header, or a row without a valid
+            split name. Messages name the file line (1-based, header = line 1).
     """
 
     name = "csv"
@@ -132,6 +187,8 @@ class CSVSource(Source):
         label_units: Sequence[str] | None = None,
         conformers: bool = False,
         conformer_seed: int = 0,
+        delimiter: str | None = None,
+        id_column: str | None = None,
     ):
         self.path = Path(path)
         self.conformers = bool(conformers)
@@ -145,46 +202,148 @@ class CSVSource(Source):
         self.smiles_column = smiles_column
         self.label_columns = list(label_columns or ())
         self.split_column = split_column
+        self.id_column = id_column
         self.split_fractions = tuple(split_fractions)
         self.seed = seed
         self.label_units = list(label_units) if label_units is not None else None
+        try:
+            self.delimiter = resolve_delimiter(delimiter)
+        except ValueError as e:
+            raise SourceError(str(e)) from None
         if not self.path.is_file():
             raise SourceError(f"CSV file not found: {self.path}")
-        self.smiles, self.labels, split_values = self._read()
+        self.smiles, self.labels, split_values, self.lines, self.ids = self._read()
+        if not self.smiles:
+            raise SourceError(
+                f"{self.path}: no data rows below the header; add molecules, one per "
+                "line"
+            )
         self.indices = _assign_splits(
             split_values, len(self.smiles), self.split_fractions, seed, str(self.path)
         )
+        self.duplicates = self._find_duplicates()
         logger.info(
             "%s: %d rows, splits %s", self.path, len(self.smiles), self.splits()
         )
+        if self.duplicates["rows"]:
+            d = self.duplicates
+            logger.warning(
+                "%s: %d rows repeat the SMILES of an earlier row (%d with other "
+                "labels, %d in another split), e.g. lines %s; they are kept, counted "
+                "in the meta (source.describe.duplicates)",
+                self.path,
+                d["rows"],
+                d["conflicting_labels"],
+                d["across_splits"],
+                ", ".join(f"{a} and {b}" for a, b in d["examples"]),
+            )
 
-    def _read(self) -> tuple[list[str], np.ndarray, list[str] | None]:
-        name = self.path.name.lower()
-        delimiter = "\t" if name.endswith((".tsv", ".tsv.gz")) else ","
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(self.path, "rt", newline="", encoding="utf-8") as f:
-            reader = csv.reader(f, delimiter=delimiter)
-            header = [h.strip() for h in next(reader, [])]
-            wanted = [self.smiles_column, *self.label_columns]
-            if self.split_column is not None:
-                wanted.append(self.split_column)
-            missing = [c for c in wanted if c not in header]
-            if missing:
-                raise SourceError(
-                    f"{self.path}: no column {missing}; available columns: {header}"
-                )
-            c_smi = header.index(self.smiles_column)
-            c_lab = [header.index(c) for c in self.label_columns]
-            c_split = None
-            if self.split_column is not None:
-                c_split = header.index(self.split_column)
-            smiles, labels, splits = [], [], []
-            for row_no, row in enumerate(reader):
+    # --- reading ----------------------------------------------------------------------
+    def _open(self):
+        opener = gzip.open if self.path.name.lower().endswith(".gz") else open
+        # utf-8-sig: a byte-order mark (spreadsheet "CSV UTF-8") is not in the header
+        return opener(self.path, "rt", newline="", encoding="utf-8-sig")
+
+    def _read(self):
+        try:
+            with self._open() as f:
+                return self._parse(f)
+        except UnicodeDecodeError:
+            raise SourceError(self._utf8_error()) from None
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise SourceError(
+                f"{self.path}: not a readable gzip file ({exc}); decompress it or "
+                "download it again"
+            ) from None
+
+    def _utf8_error(self) -> str:
+        """Where the first non-UTF-8 byte is, as a one-line message with the fix."""
+        opener = gzip.open if self.path.name.lower().endswith(".gz") else open
+        with opener(self.path, "rb") as f:
+            for line_no, line in enumerate(f, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    return (
+                        f"{self.path} line {line_no}: not UTF-8 text (byte "
+                        f"0x{line[exc.start]:02x} at column {exc.start + 1}); save the "
+                        "file as UTF-8, e.g. `iconv -f latin1 -t utf-8 "
+                        f"{self.path.name} > fixed.csv` or 'CSV UTF-8' in a spreadsheet"
+                    )
+        return f"{self.path}: not UTF-8 text; save the file as UTF-8"
+
+    def _pick_delimiter(self, first_line: str, wanted: list[str]) -> str:
+        if self.delimiter is not None:
+            return self.delimiter
+        order = list(_SNIFF_ORDER)
+        if self.path.name.lower().endswith((".tsv", ".tsv.gz")):
+            order.remove("\t")
+            order.insert(0, "\t")
+        fields = {
+            d: [h.strip() for h in next(csv.reader([first_line], delimiter=d), [])]
+            for d in order
+        }
+        for d in order:
+            if all(c in fields[d] for c in wanted):
+                chosen = d
+                break
+        else:  # the column error below lists the header as split by the likeliest one
+            chosen = max(order, key=lambda d: len(fields[d]))
+        logger.info(
+            "%s: delimiter %s (detected from the header; set --delimiter to override)",
+            self.path,
+            _delimiter_name(chosen),
+        )
+        return chosen
+
+    def _parse(self, f):
+        wanted = [self.smiles_column, *self.label_columns]
+        if self.split_column is not None:
+            wanted.append(self.split_column)
+        if self.id_column is not None:
+            wanted.append(self.id_column)
+        first = f.readline()
+        if not first.strip():
+            raise SourceError(
+                f"{self.path}: empty file (line 1 must be the header naming the "
+                f"columns, e.g. {','.join(wanted)})"
+            )
+        delimiter = self._pick_delimiter(first, wanted)
+        self.delimiter = delimiter
+        header = [h.strip() for h in next(csv.reader([first], delimiter=delimiter))]
+        missing = [c for c in wanted if c not in header]
+        if missing:
+            raise SourceError(
+                f"{self.path}: no column {missing}; available columns: {header} "
+                f"(delimiter {_delimiter_name(delimiter)}; set --delimiter if that is "
+                "wrong)"
+            )
+        repeated = sorted({c for c in wanted if header.count(c) > 1})
+        if repeated:
+            raise SourceError(
+                f"{self.path} line 1: column {repeated} appears more than once in the "
+                "header; rename the copies"
+            )
+        c_smi = header.index(self.smiles_column)
+        c_lab = [header.index(c) for c in self.label_columns]
+        c_split = header.index(self.split_column) if self.split_column else None
+        c_id = header.index(self.id_column) if self.id_column else None
+        reader = csv.reader(f, delimiter=delimiter)
+        smiles, labels, splits, lines, ids = [], [], [], [], []
+        line_no = 1  # the header; reader.line_num counts from the second line
+        try:
+            for row in reader:
+                start, line_no = line_no + 1, reader.line_num + 1
                 if not row:
                     continue  # blank line
+                if len(row) > len(header) and any(c.strip() for c in row[len(header):]):
+                    raise SourceError(
+                        f"{self.path} line {start}: {len(row)} fields but the header "
+                        f"has {len(header)}; quote fields that contain the delimiter "
+                        f"({_delimiter_name(delimiter)})"
+                    )
                 row = row + [""] * (len(header) - len(row))
-                smiles.append(row[c_smi].strip())
-                where = f"{self.path} row {row_no} column"
+                where = f"{self.path} line {start} column"
                 labels.append(
                     [_parse_label(row[c], f"{where} {header[c]!r}") for c in c_lab]
                 )
@@ -192,17 +351,69 @@ class CSVSource(Source):
                     value = row[c_split].strip()
                     if not value:
                         raise SourceError(
-                            f"{self.path} row {row_no}: empty split column "
+                            f"{self.path} line {start}: empty split column "
                             f"{self.split_column!r}"
                         )
-                    splits.append(value)
+                    splits.append(
+                        check_split_name(value, f"{where} {self.split_column!r}")
+                    )
+                smiles.append(row[c_smi].strip())
+                lines.append(start)
+                if c_id is not None:
+                    ids.append(row[c_id].strip())
+        except csv.Error as exc:
+            raise SourceError(
+                f"{self.path} line {reader.line_num + 1}: malformed CSV ({exc})"
+            ) from None
         y = np.asarray(labels, dtype=np.float32)
         y = y.reshape(len(smiles), len(self.label_columns))  # [rows, T]
-        return smiles, y, (splits if c_split is not None else None)
+        return (
+            smiles,
+            y,
+            (splits if c_split is not None else None),
+            lines,
+            (ids if c_id is not None else None),
+        )
 
+    def _find_duplicates(self) -> dict:
+        """Rows whose SMILES text repeats an earlier row's (empty SMILES excluded)."""
+        split_of = np.empty(len(self.smiles), dtype=object)
+        for s, idx in self.indices.items():
+            split_of[idx] = s
+        first: dict[str, int] = {}
+        rows = conflicting = across = 0
+        groups: set[str] = set()
+        examples = []
+        for i, smi in enumerate(self.smiles):
+            if not smi:
+                continue
+            j = first.setdefault(smi, i)
+            if j == i:
+                continue
+            rows += 1
+            groups.add(smi)
+            if not np.array_equal(self.labels[i], self.labels[j], equal_nan=True):
+                conflicting += 1
+            if split_of[i] != split_of[j]:
+                across += 1
+            if len(examples) < _MAX_DUPLICATE_EXAMPLES:
+                examples.append([self.lines[j], self.lines[i]])
+        return {
+            "rows": rows,
+            "smiles": len(groups),
+            "conflicting_labels": conflicting,
+            "across_splits": across,
+            "examples": examples,
+        }
+
+    # --- Source interface -------------------------------------------------------------
     def splits(self) -> dict[str, int]:
         """Split name -> number of records."""
         return {s: len(idx) for s, idx in self.indices.items()}
+
+    def split_rows(self, split: str) -> list[int]:
+        """File lines (1-based, header = 1) of the split's rows, in split order."""
+        return [self.lines[i] for i in self.indices[split].tolist()]
 
     def iter_split(self, split: str) -> Iterator[SourceRecord]:
         """Yield the split's rows in file order as ``kind="smiles"`` records.
@@ -215,13 +426,17 @@ class CSVSource(Source):
                 f"{self.path}: no split {split!r}; splits: {list(self.indices)}"
             )
         for k, row in enumerate(self.indices[split].tolist()):
+            line = self.lines[row]
             yield SourceRecord(
                 split=split,
                 index=k,
-                item=f"{self.path.name} row {row} ({split} #{k})",
+                item=f"{self.path.name} line {line} ({split} #{k})",
                 kind="smiles",
                 text=self.smiles[row],
                 y=self.labels[row].copy(),
+                source_row=line,
+                source_id=self.ids[row] if self.ids is not None else None,
+                smiles=self.smiles[row],
             )
 
     def files(self) -> list[Path]:
@@ -229,7 +444,7 @@ class CSVSource(Source):
         return [self.path]
 
     def describe(self) -> dict:
-        """Target names and units, split rule."""
+        """Target names and units, split rule, delimiter, duplicate rows."""
         return {
             "source": self.name,
             "file": self.path.name,
@@ -238,6 +453,10 @@ class CSVSource(Source):
             "split": self.split_column
             or {"fractions": list(self.split_fractions), "seed": self.seed},
             "splits": self.splits(),
+            "delimiter": self.delimiter,
+            "id_column": self.id_column,
+            "source_row": "file line (1-based, header = line 1)",
+            "duplicates": self.duplicates,
             "conformers": (
                 {"method": "ETKDGv3+MMFF94", "seed": self.conformer_seed}
                 if self.conformers
@@ -350,8 +569,10 @@ class SDFSource(Source):
         label_units: optional unit per label, recorded by :meth:`describe`.
 
     Raises:
-        SourceError: a missing file, a label or split property that no record has (the
-            message lists the properties found), or a record without a split name.
+        SourceError: a missing file, a file without records, a label or split property
+            that no record has (the message lists the properties found), a non-numeric
+            or infinite label, or a record without a valid split name. Messages name the
+            record (1-based) and the line it starts on.
     """
 
     name = "sdf"
@@ -378,20 +599,32 @@ class SDFSource(Source):
         if not self.path.is_file():
             raise SourceError(f"SDF file not found: {self.path}")
 
-        labels, split_values, titles = [], [], []
+        labels, split_values, titles, lines = [], [], [], []
         seen: set[str] = set()
+        line = 1
         for i, block in enumerate(iter_sdf(self.path)):
             props = sdf_properties(block)
             seen.update(props)
             titles.append(block.split("\n", 1)[0].strip())
+            lines.append(line)
+            where = f"{self.path} record {i + 1} (line {line})"
             labels.append(
                 [
-                    _parse_label(props.get(p), f"{self.path} record {i} property {p!r}")
+                    _parse_label(props.get(p), f"{where} property {p!r}")
                     for p in self.label_properties
                 ]
             )
             if split_property is not None:
-                split_values.append(props.get(split_property, "").strip())
+                value = props.get(split_property, "").strip()
+                if value:
+                    check_split_name(value, f"{where} property {split_property!r}")
+                split_values.append(value)
+            line += block.count("\n") + 1  # the block, then its "$$$$" line
+        if not labels:
+            raise SourceError(
+                f"{self.path}: no molecule records (an SDF record ends with a '$$$$' "
+                "line)"
+            )
         wanted = self.label_properties + ([split_property] if split_property else [])
         missing = [p for p in wanted if p not in seen]
         if missing:
@@ -402,10 +635,11 @@ class SDFSource(Source):
         if split_property is not None and not all(split_values):
             first = split_values.index("")
             raise SourceError(
-                f"{self.path} record {first}: no value for split property "
-                f"{split_property!r}"
+                f"{self.path} record {first + 1} (line {lines[first]}): no value for "
+                f"split property {split_property!r}"
             )
         n = len(labels)
+        self.lines = lines
         self.labels = np.asarray(labels, dtype=np.float32)
         self.labels = self.labels.reshape(n, len(self.label_properties))  # [n, T]
         self.titles = titles
@@ -462,15 +696,22 @@ class SDFSource(Source):
             yield SourceRecord(
                 split=split,
                 index=k,
-                item=f"{self.path.name} record {i}{title} ({split} #{k})",
+                item=f"{self.path.name} record {i + 1} (line {self.lines[i]}){title} "
+                f"({split} #{k})",
                 kind="molblock",
                 text=block,
                 y=self.labels[i].copy(),
                 use_3d=self.use_3d,
+                source_row=i + 1,
+                source_id=self.titles[i] or None,
             )
             count += 1
         if count != len(self.indices[split]):
             raise SourceError(f"{self.path}: the file shrank since it was opened")
+
+    def split_rows(self, split: str) -> list[int]:
+        """Record numbers (1-based) of the split's records, in split order."""
+        return [i + 1 for i in self.indices[split].tolist()]
 
     def files(self) -> list[Path]:
         """The SDF file."""
@@ -487,4 +728,5 @@ class SDFSource(Source):
             "split": self.split_property
             or {"fractions": list(self.split_fractions), "seed": self.seed},
             "splits": self.splits(),
+            "source_row": "SDF record number (1-based)",
         }

@@ -255,9 +255,9 @@ def test_csv_source_random_split(tmp_path):
     texts = {s: [r.item for r in a.iter_split(s)] for s in a.splits()}
     assert texts == {s: [r.item for r in b.iter_split(s)] for s in b.splits()}
     assert texts != {s: [r.item for r in c.iter_split(s)] for s in c.splits()}
-    rows_seen = sorted(int(r.item.split()[2]) for s in a.splits() for r in a.iter_split(s))
-    assert rows_seen == list(range(40))  # a partition: nothing dropped, nothing repeated
-    rec = next(r for r in a.iter_split("train") if r.item.startswith("d.csv row 0 "))
+    lines_seen = sorted(int(r.item.split()[2]) for s in a.splits() for r in a.iter_split(s))
+    assert lines_seen == list(range(2, 42))  # file lines (header = 1): a partition
+    rec = next(r for r in a.iter_split("train") if r.item.startswith("d.csv line 2 "))
     assert rec.y.dtype == np.float32 and rec.y[0] == 0.0 and math.isnan(rec.y[1])
     assert a.describe()["targets"] == ["logp", "active"]
 
@@ -275,7 +275,7 @@ def test_csv_source_split_column_and_errors(tmp_path):
         CSVSource(path, label_columns=["pIC50"])
     with pytest.raises(SourceError, match=r"no column \['SMILES'\]"):
         CSVSource(path, smiles_column="SMILES")
-    with pytest.raises(SourceError, match="row 0 column 'fold': label 'train' is not a number"):
+    with pytest.raises(SourceError, match="line 2 column 'fold': label 'train' is not a number"):
         CSVSource(path, label_columns=["fold"])
     with pytest.raises(SourceError, match="sum to 1"):
         CSVSource(path, split_fractions=(0.5, 0.1, 0.1))
@@ -300,9 +300,10 @@ def test_sdf_source(tmp_path):
     assert [r.index for r in train] == [0, 1, 2]
     assert train[1].y.tolist() == [-1.5] and math.isnan(train[2].y[0])
     assert all(r.kind == "molblock" and r.use_3d for r in train)
-    assert train[0].item.startswith("set.sdf record 0")
+    assert train[0].item.startswith("set.sdf record 1 (line 1)")
     test = list(src.iter_split("test"))
-    assert test[1].item.startswith("set.sdf record 4") and test[1].index == 1
+    assert test[1].item.startswith("set.sdf record 5 (line ") and test[1].index == 1
+    assert [r.source_row for r in test] == [4, 5]
     rnd = SDFSource(path, label_properties=["energy"], split_fractions=(0.6, 0.4), seed=1,
                     use_3d=False)
     assert rnd.splits() == {"train": 3, "valid": 2}
