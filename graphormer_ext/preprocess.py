@@ -12,14 +12,18 @@ Examples::
         --out lmdb/md17_ethanol
     graphormer-ext-preprocess pdbbind --root PDBbind_v2016 --cutoff 5 --out lmdb/pdbbind
     graphormer-ext-preprocess stats lmdb/pcqm4mv2
+    graphormer-ext-preprocess export lmdb/x --output rows.csv
 
 Each run writes ``<out>/<split>.lmdb`` and ``<out>/<split>.skipped.tsv`` per split, logs
-the input checksum and prints a statistics table.
+the input checksum and prints a statistics table. A run holds a lock on ``<out>``: a
+second run on the same folder stops at once. ``export`` lists which input row went to
+which split and record (CSV and SDF sources).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import os
 import sys
@@ -30,7 +34,14 @@ from graphormer_ext.data import keys as K
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["main", "build_parser", "describe_lmdb", "describe_dir", "format_table"]
+__all__ = [
+    "main",
+    "build_parser",
+    "describe_lmdb",
+    "describe_dir",
+    "format_table",
+    "export_rows",
+]
 
 
 # --- statistics -----------------------------------------------------------------------
@@ -150,6 +161,8 @@ def _build_source(args: argparse.Namespace):
             seed=args.seed,
             conformers=getattr(args, "conformers", False),
             conformer_seed=getattr(args, "conformer_seed", 0),
+            delimiter=getattr(args, "delimiter", None),
+            id_column=getattr(args, "id_column", None),
         )
     if args.command == "sdf":
         from graphormer_ext.sources.custom import SDFSource
@@ -194,12 +207,22 @@ def _build_source(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Write every split of the source in ``args``; return the statistics rows."""
-    from graphormer_ext.data.lmdb_writer import skip_list_path, write_split
-    from graphormer_ext.sources.base import SourceError
+    from graphormer_ext.data.lmdb_writer import output_lock
 
     source = _build_source(args)
+    # one lock for the whole run: every split in <out> comes from this run's input
+    with output_lock(args.out):
+        return _write_all(args, source)
+
+
+def _write_all(args: argparse.Namespace, source) -> list[dict]:
+    from graphormer_ext.data.lmdb_writer import skip_list_path, write_split
+    from graphormer_ext.sources.base import SourceError, check_split_name
+
     sizes = source.splits()
     names = list(sizes)
+    for name in names:  # split names become file names in <out>
+        check_split_name(name, f"{source.name} split")
     if args.splits:
         unknown = [s for s in args.splits if s not in sizes]
         if unknown:
@@ -249,7 +272,42 @@ def run(args: argparse.Namespace) -> list[dict]:
                 row["skipped"],
                 skip_list_path(targets[split]),
             )
+        if not row["kept"]:
+            logger.warning(
+                "%s: no molecule written to %s; training or evaluating on it will fail",
+                split,
+                targets[split],
+            )
     return rows
+
+
+def export_rows(directory: str | os.PathLike, stream) -> int:
+    """Write, as CSV, every input row of every split file in ``directory``.
+
+    Columns: ``split, index, status, source_row, source_id, smiles, reason``;
+    ``status`` is ``written`` (``index`` = LMDB key) or ``skipped`` (with the reason
+    from ``<split>.skipped.tsv``). See
+    :func:`graphormer_ext.data.provenance.iter_provenance`.
+
+    Returns:
+        The number of rows written.
+    """
+    from graphormer_ext.data.provenance import iter_provenance
+
+    target = Path(directory)
+    paths = [target] if target.is_file() else sorted(target.glob("*.lmdb"))
+    if not paths:
+        raise FileNotFoundError(f"no *.lmdb split files in {directory}")
+    columns = ("split", "index", "status", "source_row", "source_id", "smiles",
+               "reason")  # fmt: skip
+    w = csv.writer(stream, lineterminator="\n")
+    w.writerow(columns)
+    n = 0
+    for p in paths:
+        for r in iter_provenance(p):
+            w.writerow(["" if r[c] is None else r[c] for c in columns])
+            n += 1
+    return n
 
 
 # --- argument parsing -----------------------------------------------------------------
@@ -357,9 +415,28 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _common(p)
 
-    p = sub.add_parser("csv", help="a CSV of SMILES and labels")
-    p.add_argument("--path", required=True, help="CSV file (.csv or .csv.gz)")
+    p = sub.add_parser("csv", help="a CSV/TSV of SMILES and labels")
+    p.add_argument(
+        "--path",
+        required=True,
+        help="UTF-8 table of SMILES and labels (.csv, .tsv, .txt, ...; optionally "
+        ".gz), header on line 1; the delimiter is detected from the header unless "
+        "--delimiter is given",
+    )
+    p.add_argument(
+        "--delimiter",
+        default="auto",
+        help="field separator: auto (default: the one of comma, tab, semicolon, pipe "
+        "under which the header has all requested columns; tab first for .tsv), comma, "
+        "tab, semicolon, pipe, or the character",
+    )
     p.add_argument("--smiles-column", required=True)
+    p.add_argument(
+        "--id-column",
+        default=None,
+        help="optional column with a molecule ID, stored with each record (see the "
+        "export command)",
+    )
     p.add_argument(
         "--label-columns",
         default="",
@@ -471,6 +548,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stats", help="print the statistics of existing split files")
     p.add_argument("dir", help="folder of <split>.lmdb files (or one .lmdb file)")
+
+    p = sub.add_parser(
+        "export",
+        help="CSV of every input row: split, record index (or skipped), file line or "
+        "SDF record, ID, SMILES",
+    )
+    p.add_argument("dir", help="folder of <split>.lmdb files (or one .lmdb file)")
+    p.add_argument(
+        "-o", "--output", default=None, help="CSV file to write (default: stdout)"
+    )
     return parser
 
 
@@ -482,15 +569,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from graphormer_ext.data.lmdb_dataset import DatasetFormatError
+    from graphormer_ext.data.lmdb_writer import OutputBusyError
     from graphormer_ext.sources.base import SourceError
 
     try:
+        if args.command == "export":
+            if args.output is None:
+                n = export_rows(args.dir, sys.stdout)
+            else:
+                with open(args.output, "w", newline="", encoding="utf-8") as f:
+                    n = export_rows(args.dir, f)
+            logger.info("exported %d rows", n)
+            return 0
         if args.command == "stats":
             target = Path(args.dir)
             rows = [describe_lmdb(target)] if target.is_file() else describe_dir(target)
         else:
             rows = run(args)
-    except (SourceError, FileExistsError, FileNotFoundError, DatasetFormatError) as exc:
+    except (
+        SourceError,
+        FileExistsError,
+        FileNotFoundError,
+        DatasetFormatError,
+        OutputBusyError,
+    ) as exc:
         logger.error("%s", exc)
         return 2
     print(format_table(rows))

@@ -283,7 +283,14 @@ class LMDBDataset(torch.utils.data.Dataset):
             raise IndexError(
                 f"index {index} out of range for {self.path} ({self._len} records)"
             )
-        buf = self._connect().get(str(i).encode("ascii"))
+        try:
+            buf = self._connect().get(str(i).encode("ascii"))
+        except lmdb.Error as exc:  # a corrupt page; the shared txn is unusable now
+            _evict(self._sig[:2])
+            raise DatasetFormatError(
+                f"{self.path}: record {i} cannot be read ({type(exc).__name__}: "
+                f"{exc}); the file is corrupt, re-run preprocessing"
+            ) from None
         if buf is None:
             raise DatasetFormatError(
                 f"{self.path}: record {i} is missing (meta says {self._len} records); "

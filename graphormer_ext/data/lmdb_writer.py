@@ -15,17 +15,27 @@ The file is built under ``<path>.tmp-<pid>`` and renamed to ``<path>`` only on s
 so a crash never leaves a half-written file at the final name. Molecules that cannot be
 used (:class:`MoleculeError`) are counted and listed, with the reason, in
 ``<split>.skipped.tsv`` beside the LMDB; a :class:`SourceError` aborts the run.
+
+Writers exclude each other: :func:`output_lock` holds an exclusive ``flock`` on
+``<dir>/.graphormer-ext.lock`` while a split (or, from ``graphormer-ext-preprocess``, a
+whole run) is written, so a second writer on the same folder fails at once with
+:class:`OutputBusyError`. Under the lock, temporary files left by a killed writer are
+removed (and logged), and the final rename refuses to replace a file that appeared
+during the write unless ``overwrite`` is set.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
+import functools
 import itertools
 import logging
 import math
 import multiprocessing
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -38,14 +48,149 @@ from graphormer_ext.sources.base import MoleculeError, Source, SourceError, Sour
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["write_split", "skip_list_path", "WriteError"]
+__all__ = [
+    "write_split",
+    "skip_list_path",
+    "output_lock",
+    "WriteError",
+    "OutputBusyError",
+    "LOCK_NAME",
+]
 
 _INITIAL_MAP_SIZE = 1 << 30  # grows by doubling on MapFullError
 _OK, _SKIP, _FATAL, _ERROR = 0, 1, 2, 3
+LOCK_NAME = ".graphormer-ext.lock"
+# temporary files of _SplitWriter: <split>.lmdb.tmp-<pid>, <split>.skipped.tsv.tmp-<pid>
+_TEMP_NAME = re.compile(r".+\.(?:lmdb|skipped\.tsv)\.tmp-(\d+)")
 
 
 class WriteError(RuntimeError):
     """An unexpected failure while featurizing or writing (a bug, not a bad input)."""
+
+
+class OutputBusyError(RuntimeError):
+    """Another process is writing to the same output folder."""
+
+
+# folder -> [open lock file, depth, pid]: the lock is re-entrant within a process (a
+# preprocess run holds it for all splits; write_split takes it again for each split)
+_HELD_LOCKS: dict[str, list] = {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _remove_stale_temp_files(directory: Path) -> None:
+    """Delete temporary files of other writers (called with the folder lock held)."""
+    for p in sorted(directory.iterdir()):
+        m = _TEMP_NAME.fullmatch(p.name)
+        if m is None or int(m.group(1)) == os.getpid() or not p.is_file():
+            continue
+        pid = int(m.group(1))
+        state = "still running, but not holding the lock" if _pid_alive(pid) else "gone"
+        logger.warning(
+            "removing %s: a temporary file left by an interrupted writer (pid %d, %s)",
+            p,
+            pid,
+            state,
+        )
+        p.unlink()
+
+
+@contextlib.contextmanager
+def output_lock(directory: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on an output folder (created if missing).
+
+    The lock is an ``fcntl.flock`` on ``<directory>/.graphormer-ext.lock`` (released by
+    the kernel if the process dies; the file is removed on release), re-entrant within a
+    process. Once it is held, temporary files of interrupted writers in the folder are
+    removed, with a warning.
+
+    Args:
+        directory: the output folder.
+
+    Yields:
+        The folder.
+
+    Raises:
+        OutputBusyError: another process holds the lock (the message names its pid).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    key = str(directory.resolve())
+    held = _HELD_LOCKS.get(key)
+    if held is not None and held[2] == os.getpid():
+        held[1] += 1
+        try:
+            yield directory
+        finally:
+            held[1] -= 1
+        return
+    lock_path = directory / LOCK_NAME
+    f = _acquire(lock_path, directory)
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _HELD_LOCKS[key] = [f, 1, os.getpid()]
+        try:
+            _remove_stale_temp_files(directory)
+            yield directory
+        finally:
+            del _HELD_LOCKS[key]
+            lock_path.unlink()  # still locked: _acquire re-checks the file it locked
+    finally:
+        f.close()  # releases the flock
+
+
+def _acquire(lock_path: Path, directory: Path):
+    """Open and ``flock`` the lock file; retry if it was replaced meanwhile."""
+    import fcntl
+
+    for _ in range(100):
+        f = open(lock_path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "unknown"
+            f.close()
+            raise OutputBusyError(
+                f"{directory} is being written by another process (pid {owner}); wait "
+                "for it to finish, or choose another output folder"
+            ) from None
+        except BaseException:
+            f.close()
+            raise
+        # the holder unlinks the file before releasing it: a lock on an unlinked file
+        # excludes nobody, so lock the file now at that path instead
+        try:
+            same = os.stat(lock_path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return f
+        f.close()
+    raise OutputBusyError(f"{directory}: could not take the lock {lock_path}")
+
+
+def _holding_output_lock(fn: Callable) -> Callable:
+    """Run ``fn(path, ...)`` holding :func:`output_lock` on ``path``'s folder."""
+
+    @functools.wraps(fn)
+    def wrapper(path, *args, **kwargs):
+        with output_lock(Path(path).parent):
+            return fn(path, *args, **kwargs)
+
+    return wrapper
 
 
 def skip_list_path(path: str | os.PathLike) -> Path:
@@ -265,6 +410,7 @@ def _batched(it: Iterable, n: int) -> Iterable[list]:
         yield chunk
 
 
+@_holding_output_lock
 def write_split(
     path: str | os.PathLike,
     records: Iterable[SourceRecord | dict] | Source,
@@ -328,7 +474,9 @@ def write_split(
         The meta dict written under :data:`keys.META_KEY`.
 
     Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is false.
+        FileExistsError: ``path`` exists (or appears during the write) and
+            ``overwrite`` is false.
+        OutputBusyError: another process is writing to ``path``'s folder.
         SourceError: the dataset is unusable; nothing is written at ``path``.
         WriteError: an unexpected error while featurizing an item (names the item).
     """
@@ -347,16 +495,20 @@ def write_split(
             f"{path} is a directory; a split is written to a single file"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
+    source_rows = None
     if isinstance(records, Source):
         if split is None:
             raise ValueError("write_split(path, source, ...) needs split=")
         source = source or records
         if total is None:
             total = records.splits().get(split)
+        source_rows = records.split_rows(split)
         records = records.iter_split(split)
     if limit is not None:
         records = itertools.islice(records, limit)
         total = limit if total is None else min(total, limit)
+        if source_rows is not None:
+            source_rows = source_rows[:limit]
     workers = (os.cpu_count() or 1) if workers is None else max(int(workers), 1)
     if chunksize is None:
         # enough tasks per worker to balance load, big enough to amortise IPC
@@ -372,7 +524,7 @@ def write_split(
         remove_hs=remove_hs,
     )
 
-    writer = _SplitWriter(path, split, map_size, commit_every)
+    writer = _SplitWriter(path, split, map_size, commit_every, overwrite)
     results = _ordered_results(records, featurize, fkwargs, workers, chunksize)
     bar = None
     try:
@@ -412,6 +564,9 @@ def write_split(
             "package_version": _package_version(),
             **(extra_meta or {}),
         }
+        if source_rows is not None:
+            # every input row of the split, written or skipped (data/provenance.py)
+            meta["source_rows"] = [int(r) for r in source_rows]
         writer.finish(meta)
     except BaseException:
         writer.discard()
@@ -472,9 +627,17 @@ def _ordered_results(
 class _SplitWriter:
     """Kept records -> ``<path>.tmp-<pid>``, skips -> skip list; renamed on success."""
 
-    def __init__(self, path: Path, split: str | None, map_size: int, commit_every: int):
+    def __init__(
+        self,
+        path: Path,
+        split: str | None,
+        map_size: int,
+        commit_every: int,
+        overwrite: bool = False,
+    ):
         self.path = path
         self.split = split
+        self.overwrite = overwrite
         self.skip_path = skip_list_path(path)
         self.tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         self.tmp_skip = self.skip_path.with_name(
@@ -529,8 +692,31 @@ class _SplitWriter:
         self.sink.commit()
         self.sink.close()
         self.skip_file.close()
+        if self.overwrite:
+            os.replace(self.tmp, self.path)
+        else:
+            self._link_new()
         os.replace(self.tmp_skip, self.skip_path)
-        os.replace(self.tmp, self.path)
+
+    def _link_new(self) -> None:
+        """Give the file its final name only if that name is still free (atomic)."""
+        try:
+            os.link(self.tmp, self.path)
+        except FileExistsError:
+            raise FileExistsError(
+                f"{self.path} appeared while this run was writing it (another "
+                "writer?); it was left as it is; pass --overwrite (overwrite=True) to "
+                "replace it"
+            ) from None
+        except OSError:  # no hard links on this file system: check, then rename
+            if self.path.exists():
+                raise FileExistsError(
+                    f"{self.path} appeared while this run was writing it; it was left "
+                    "as it is; pass --overwrite (overwrite=True) to replace it"
+                ) from None
+            os.replace(self.tmp, self.path)
+            return
+        self.tmp.unlink()
 
     def discard(self) -> None:
         """Remove the temporary files after a failure (nothing gets the final name)."""
