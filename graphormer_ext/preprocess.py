@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="field separator: auto (default: the one of comma, tab, semicolon, pipe "
         "under which the header has all requested columns; tab first for .tsv), comma, "
-        "tab, semicolon, pipe, or the character",
+        "tab, semicolon, pipe, or a single punctuation character",
     )
     p.add_argument("--smiles-column", required=True)
     p.add_argument(

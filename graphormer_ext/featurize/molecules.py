@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 _SDF_END = re.compile(r"^\$\$\$\$[^\n]*(\n|$)", re.M)
 _CHUNK_CHARS = 1 << 20
-_WHITESPACE = re.compile(r"\s")
+# whitespace ends a SMILES for RDKit (the rest is a name) and NUL ends its C string
+_NOT_SMILES = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
 def _rdkit():
@@ -44,20 +45,21 @@ def mol_from_smiles(smiles: str, item: str):
         ``rdkit.Chem.Mol`` with implicit hydrogens, in SMILES atom order.
 
     Raises:
-        MoleculeError: empty or unparsable SMILES, whitespace inside the SMILES, or a
-            molecule without atoms.
+        MoleculeError: empty or unparsable SMILES, whitespace or a control character
+            inside the SMILES, or a molecule without atoms.
     """
     Chem, rdBase = _rdkit()
     if smiles is None or not str(smiles).strip():
         raise MoleculeError(item, "empty SMILES")
-    inner = _WHITESPACE.search(str(smiles).strip())
+    inner = _NOT_SMILES.search(str(smiles).strip())
     if inner is not None:
         # RDKit reads text after whitespace as the molecule's name: "CC O" is ethane
+        kind = "whitespace" if inner.group().isspace() else "a control character"
         raise MoleculeError(
             item,
-            f"SMILES {smiles!r} contains whitespace; RDKit would read only the text "
-            "before it and take the rest as a name. Remove the whitespace, or move the "
-            "name to its own column",
+            f"SMILES {smiles!r} contains {kind}; RDKit would read only the text "
+            "before it (and take the rest as a name). Remove it, or move a name to "
+            "its own column",
         )
     with rdBase.BlockLogs():
         mol = Chem.MolFromSmiles(str(smiles).strip())

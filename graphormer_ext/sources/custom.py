@@ -108,9 +108,11 @@ def resolve_delimiter(name: str | None) -> str | None:
         return None
     if name in DELIMITERS:
         return DELIMITERS[name]
+    if len(name) == 1 and not name.isalnum() and name not in "\"'\r\n":
+        return name
     raise ValueError(
-        f"unknown delimiter {name!r}; use auto, comma, tab, semicolon or pipe "
-        "(or the character itself)"
+        f"unknown delimiter {name!r}; use auto, comma, tab, semicolon, pipe or another "
+        "single punctuation character"
     )
 
 

@@ -177,17 +177,18 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path, caplog):
 # --- issue 10 item 5: inputs are never changed silently -------------------------------------------
 def test_whitespace_in_smiles_is_a_counted_skip(tmp_path):
     path = _write(tmp_path / "d.csv", "smiles,y\nCCO,1\nCC O,2\n\"c1ccccc1 benzene\",3\n"
-                                      "CC\tN,4\n  CCN  ,5\n")  # fmt: skip
+                                      "CC\tN,4\n  CCN  ,5\nCC\x00,6\n")  # fmt: skip
     out = tmp_path / "out"
     assert main(_csv_args(path, out, "--split-fractions", "1", "0", "0")) == 0
     ds = LMDBDataset(out / "train.lmdb")
-    assert ds.meta["counts"] == {"read": 5, "kept": 2, "skipped": 3}
+    assert ds.meta["counts"] == {"read": 6, "kept": 2, "skipped": 4}
     assert [record_provenance(ds[i])["smiles"] for i in range(len(ds))] == ["CCO", "CCN"]
     with open(skip_list_path(out / "train.lmdb")) as f:
         skipped = list(csv.reader(f, delimiter="\t"))[1:]
     assert [s[0] for s in skipped] == ["d.csv line 3 (train #1)", "d.csv line 4 (train #2)",
-                                       "d.csv line 5 (train #3)"]  # fmt: skip
-    assert all("contains whitespace" in s[1] for s in skipped)
+                                       "d.csv line 5 (train #3)", "d.csv line 7 (train #5)"]
+    assert [s[1].split(";")[0].split(" contains ")[1] for s in skipped] == [
+        "whitespace"] * 3 + ["a control character"]  # fmt: skip
 
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "Infinity", "1e39", "-1e39"])
@@ -262,7 +263,8 @@ def test_utf8_bom_header(tmp_path):
 # --- issue 12 item 6: delimiters and line numbers -------------------------------------------------
 @pytest.mark.parametrize("sep,name,flag", [("\t", "d.txt", None), (";", "d.csv", None),
                                            ("|", "d.dat", None), ("\t", "d.csv", "tab"),
-                                           ("\t", "d.tsv.gz", None), (",", "d.tsv", None)])
+                                           ("\t", "d.tsv.gz", None), (",", "d.tsv", None),
+                                           (":", "d.csv", ":")])
 def test_delimiter_detected_or_given(tmp_path, sep, name, flag):
     text = f"id{sep}smiles{sep}y\n" + "".join(f"m{i}{sep}{s}{sep}{i}\n" for i, s in
                                               enumerate(SMILES))  # fmt: skip
