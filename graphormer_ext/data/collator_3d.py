@@ -5,8 +5,10 @@ only, not the Transformer-M graph keys. :class:`PointCloudCollator` pads such re
 batch. It accepts both record layouts of the data layer:
 
 - point-cloud records (e.g. MD17): ``z`` int16 [N] (raw atomic numbers) and ``pos``;
-- Transformer-M graph records: ``x`` int16 [N, 9] and ``pos``; the atomic number is
-  recovered as ``x[:, 0] - keys.Z_FROM_X0`` (stored ``x0 = (Z - 1) + 2``, see
+- stored graph records: ``node_feat`` [N, 9] and ``pos``; the atomic number is
+  ``node_feat[:, 0] + 1`` (OGB's raw index is ``Z - 1``);
+- Transformer-M model records: ``x`` int16 [N, 9] and ``pos``; the atomic number is
+  recovered as ``x[:, 0] - keys.Z_FROM_X0`` (model ``x0 = (Z - 1) + 2``, see
   :mod:`graphormer_ext.data.keys`).
 
 Each batch array is allocated once and filled slice by slice, then handed to torch
@@ -33,20 +35,23 @@ def atomic_numbers(record: dict, idx: int | None = None) -> np.ndarray:
     """Atomic numbers ``[N]`` (int64, H = 1) of a point-cloud or graph record.
 
     Args:
-        record: a stored record with ``z`` or ``x``.
+        record: a record with ``z``, ``node_feat`` or ``x``.
         idx: record index, used in error messages only.
 
     Raises:
-        KeyError: the record has neither ``z`` nor ``x``.
+        KeyError: the record has none of ``z``, ``node_feat``, ``x``.
         ValueError: an atomic number is < 1.
     """
     if K.Z in record:
         z = np.asarray(record[K.Z]).reshape(-1).astype(np.int64)
+    elif K.NODE_FEAT in record:
+        z = np.asarray(record[K.NODE_FEAT])[:, 0].astype(np.int64) + K.Z_FROM_NODE_FEAT
     elif K.X in record:
         z = np.asarray(record[K.X])[:, 0].astype(np.int64) - K.Z_FROM_X0
     else:
         raise KeyError(
-            f"record idx={idx} has neither {K.Z!r} nor {K.X!r}; have {sorted(record)}"
+            f"record idx={idx} has none of {K.Z!r}, {K.NODE_FEAT!r}, {K.X!r}; "
+            f"have {sorted(record)}"
         )
     if z.size and int(z.min()) < 1:
         raise ValueError(

@@ -1,13 +1,24 @@
 """Record keys, index conventions, pad values and the LMDB schema version: the data layer's public API.
 
-Every record in an LMDB split is a dict of numpy arrays under the keys below. Indices are stored
-**model-ready**: the Graphormer/Transformer-M offsets are applied once, in
-:mod:`graphormer_ext.featurize.graph`, so that ``0`` always means padding and the collator only pads.
+Two layouts of a molecular graph exist:
+
+* the **stored graph** (what an LMDB split holds, schema 2): raw OGB features and one row per bond,
+  :data:`NODE_FEAT`, :data:`BOND_INDEX`, :data:`BOND_FEAT` (+ ``pos``, ``y`` and per-record bytes
+  such as the source SMILES). :class:`~graphormer_ext.data.lmdb_dataset.LMDBDataset` returns it with
+  :data:`PATH_SPEC` attached from the split's meta record;
+* the **model record** (:data:`MODEL_KEYS`, what the model reads, one molecule unpadded): derived
+  from the stored graph at load time by the compiled kernels of :mod:`graphormer_ext.algos`, inside
+  the collator (:func:`graphormer_ext.featurize.graph.expand_record` for one record). Shortest paths
+  are recomputed rather than stored because the ``[N, N, H, 3]`` path-edge array was ~76 % of a
+  schema-1 record and the kernel derives it faster than the loader can decode and copy it.
+
+Model indices are **model-ready**: the Graphormer/Transformer-M offsets are applied once, by the
+kernel, so that ``0`` always means padding and the collator only pads.
 
 Offsets (OGB raw feature value ``v`` of feature ``f``; Transformer-M spec §1.2, §3.3):
 
 ========================  ===========================  ==========================================
-key                       stored value                 relation to the official pipeline
+key                       model value                  relation to the official pipeline
 ========================  ===========================  ==========================================
 ``x``                     ``v + 2 + 512*f``            ``convert_to_single_emb`` (+1) + collator (+1)
 ``in_degree``             ``degree + 1``               collator +1 (``out_degree`` is the same array)
@@ -23,7 +34,33 @@ key                       stored value                 relation to the official 
 padding ``(1, 513)``), exactly as ``collator_3d`` does.
 """
 
-# --- record keys (stored) -------------------------------------------------------------------------
+import numpy as _np
+
+# --- stored graph keys (LMDB schema 2) -------------------------------------------------------------
+NODE_FEAT = "node_feat"  # uint8 [N, 9] raw OGB atom features (uint16 if a value exceeds 255)
+BOND_INDEX = "bond_index"  # uint8 [M, 2] atoms of each bond, one row per bond (uint16 if N > 256)
+BOND_FEAT = "bond_feat"  # uint8 [M, 3] raw OGB features of each bond
+GRAPH_KEYS = (NODE_FEAT, BOND_INDEX, BOND_FEAT)  # required in every stored graph record
+# Attached by the reader from the meta record (never stored per record): int16 [2] =
+# (max_hops of the split, 0 = all hops; 1 for the legacy path convention else 0).
+PATH_SPEC = "path_spec"
+
+
+def path_spec(max_hops, path_convention: str) -> "_np.ndarray":
+    """The read-only :data:`PATH_SPEC` array of a split's ``max_hops`` and ``path_convention``."""
+    if path_convention not in PATH_CONVENTIONS:
+        raise ValueError(
+            f"path_convention must be one of {PATH_CONVENTIONS}, got {path_convention!r}"
+        )
+    hops = 0 if max_hops is None else int(max_hops)
+    if hops < 0:
+        raise ValueError(f"max_hops must be >= 0 or None, got {max_hops!r}")
+    spec = _np.array([hops, int(path_convention == PATH_CONVENTIONS[1])], dtype=_np.int16)
+    spec.flags.writeable = False
+    return spec
+
+
+# --- model record keys (derived at load time) -----------------------------------------------------
 X = "x"  # int16 [N, 9]
 DEGREE = "in_degree"  # int16 [N]
 SPATIAL_POS = "spatial_pos"  # int16 [N, N]
@@ -32,13 +69,13 @@ EDGE_INPUT = "edge_input"  # int16 [N, N, Hmax, 3], Hmax <= max_hops of the spli
 POS = "pos"  # float32 [N, 3], optional
 Y = "y"  # float32 [T]
 
-STORED_KEYS = (X, DEGREE, SPATIAL_POS, ATTN_EDGE_TYPE, EDGE_INPUT)  # required in every record
+MODEL_KEYS = (X, DEGREE, SPATIAL_POS, ATTN_EDGE_TYPE, EDGE_INPUT)  # of every model record
 OPTIONAL_KEYS = (POS, Y)
 
-# --- batch keys (collated, in addition to the stored ones) -----------------------------------------
-OUT_DEGREE = "out_degree"  # int64 [B, N], same values as in_degree
+# --- batch keys (collated, in addition to the model keys) ------------------------------------------
+OUT_DEGREE = "out_degree"  # int32 [B, N], same values as in_degree
 ATTN_BIAS = "attn_bias"  # float32 [B, N+1, N+1], 0 real keys / -inf padded keys
-NODE_TYPE_EDGE = "node_type_edge"  # int64 [B, N, N, 2]
+NODE_TYPE_EDGE = "node_type_edge"  # int32 [B, N, N, 2]
 IDX = "idx"  # int64 [B], index within the split
 
 # --- vocabularies and offsets --------------------------------------------------------------------
@@ -63,7 +100,9 @@ MAX_DEGREE = NUM_DEGREE_VOCAB - 1 - DEGREE_SHIFT  # larger degrees cannot be emb
 PAD = 0  # pad value of every integer key
 
 # --- LMDB ----------------------------------------------------------------------------------------
-SCHEMA_VERSION = 1
+# 2: stored graphs (paths derived at load time), compact binary record header, crc32 per record and
+# on the meta record, zero-padded record keys. 1: per-record model arrays, JSON headers, no checksum.
+SCHEMA_VERSION = 2
 META_KEY = b"__meta__"
 PATH_CONVENTIONS = ("fixed", "legacy")  # "legacy" = released Transformer-M "atom 0" paths
 # Reserved sidecar record (codec-encoded, written just before ``__meta__``): per kept record, in key
@@ -72,17 +111,28 @@ PATH_CONVENTIONS = ("fixed", "legacy")  # "legacy" = released Transformer-M "ato
 INDEX_KEY = b"__index__"
 SIZES = "sizes"  # int64 [num_entries]
 SOURCE_INDEX = "source_index"  # int64 [num_entries]
+# Record ``i`` is stored under its zero-padded ASCII decimal index, so that keys sort in index order
+# and the writer appends: LMDB then fills its pages instead of splitting them (a third less disk).
+RECORD_KEY_DIGITS = 10
+
+
+def record_key(index: int) -> bytes:
+    """The LMDB key of record ``index`` (``b"0000000042"``)."""
+    return b"%010d" % index
+
 
 # --- point-cloud records (3D models: GeoMFormer, 3D-GSRD; MD17) -----------------------------------
 # A point-cloud record stores ``z`` + ``pos`` (+ ``y``, ``forces``) instead of the graph keys above;
 # see :mod:`graphormer_ext.data.collator_3d`. Atomic numbers are stored raw (H = 1), so 0 is padding
-# with no offset. A graph record's Z is recovered as ``x[:, 0] - Z_FROM_X0`` (stored x0 = Z - 1 + 2).
+# with no offset. A graph's Z is ``node_feat[:, 0] + Z_FROM_NODE_FEAT`` (stored graph) or
+# ``x[:, 0] - Z_FROM_X0`` (model record, x0 = Z - 1 + 2).
 Z = "z"  # int16 [N] atomic numbers, >= 1; collated int64 [B, N], 0 = padding
 FORCES = "forces"  # float32 [N, 3], same energy/length units as ``y``/``pos`` (MD17: kcal/mol/Å)
 ENERGY = Y  # energies are stored as the target ``y`` (float32 [1]; MD17: kcal/mol)
 ATOM_MASK = "atom_mask"  # batch only: bool [B, N], True on real atoms
 POINT_CLOUD_KEYS = (Z, POS)  # required in every point-cloud record
 Z_FROM_X0 = X_SHIFT - 1  # Z = x[:, 0] - 1
+Z_FROM_NODE_FEAT = 1  # Z = node_feat[:, 0] + 1 (OGB atomic_num index = Z - 1)
 
 # --- provenance (user datasets: CSV/SDF sources) --------------------------------------------------
 # Optional keys that tie a record to its input row; the collators ignore them. Text is stored as its

@@ -1,5 +1,12 @@
 """Read one LMDB split written by :mod:`graphormer_ext.data.lmdb_writer`.
 
+Records come back as stored: a graph record holds ``node_feat``, ``bond_index``,
+``bond_feat`` (+ ``pos``, ``y``, ...) and gets the split's :data:`keys.PATH_SPEC` attached;
+the :class:`~graphormer_ext.data.collator.Collator` derives the model arrays, or
+:func:`graphormer_ext.featurize.graph.expand_record` for one record. Every record's crc32
+is checked on read: a changed byte is an error naming the file and the record, never a
+silently different molecule. No torch import: the preprocessing CLI reads meta records too.
+
 The constructor reads and checks the meta and index records only (no key scan). The file
 is opened read-only and lock-free (``readonly``, ``lock=False``, ``readahead=False``,
 ``meminit=False``) once per process and file, shared by all datasets on it, and opened
@@ -17,11 +24,10 @@ from typing import Sequence
 
 import lmdb
 import numpy as np
-import torch
 
 from graphormer_ext.data import codec
 from graphormer_ext.data import keys as K
-from graphormer_ext.data.codec import RecordFormatError
+from graphormer_ext.data.codec import ChecksumError, RecordFormatError
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +36,7 @@ __all__ = [
     "DatasetFormatError",
     "SchemaVersionError",
     "RecordFormatError",
+    "ChecksumError",
     "close_envs",
 ]
 
@@ -127,14 +134,27 @@ def close_envs() -> None:
     _STATE["generation"] += 1
 
 
-class LMDBDataset(torch.utils.data.Dataset):
-    """One split file: ``dataset[i]`` is the decoded record ``i``.
+def rebuild_hint(meta: dict | None, path: str) -> str:
+    """The command that rebuilds the split at ``path`` (from its recorded arguments)."""
+    args = (meta or {}).get("preprocess_args") or {}
+    command = args.get("command") or "<source>"
+    out = args.get("out") or str(Path(path).parent)
+    return (
+        f"rebuild it with `graphormer-ext-preprocess {command} ... --out {out} "
+        "--overwrite` (the same arguments as before)"
+    )
 
-    Records are dicts of read-only numpy arrays under :mod:`keys` names.
+
+class LMDBDataset:
+    """One split file: ``dataset[i]`` is the decoded record ``i`` (a map-style dataset).
+
+    Records are dicts of read-only numpy arrays under :mod:`keys` names: stored graphs
+    with :data:`keys.PATH_SPEC` attached, or point clouds.
 
     Args:
         path: the split file, e.g. ``<out>/train.lmdb``.
-        keys: record keys to return (default: all stored keys of the record).
+        keys: record keys to return (default: all keys of the record). ``pos`` and ``y``
+            may be absent from a record; any other missing key is an error.
 
     Attributes:
         path: the split file.
@@ -148,12 +168,19 @@ class LMDBDataset(torch.utils.data.Dataset):
         DatasetFormatError: not an LMDB file, truncated, no meta or index record, or
             ``num_entries`` disagrees with the file.
         SchemaVersionError: the file's schema version differs from
-            :data:`keys.SCHEMA_VERSION`.
+            :data:`keys.SCHEMA_VERSION` (the message says how to rebuild it).
+
+    Reading a record raises :class:`ChecksumError` (a :class:`RecordFormatError`) naming
+    the file and the record when its bytes changed after they were written.
     """
 
     def __init__(self, path: str | os.PathLike, keys: Sequence[str] | None = None):
         self.path = str(path)
         self.keys = tuple(keys) if keys is not None else None
+        # a stored graph travels with its path settings (the collator needs them)
+        self._selected = (
+            self.keys + (K.PATH_SPEC,) if self.keys and K.NODE_FEAT in self.keys else self.keys
+        )
         self._txn = None
         self._pid: int | None = None
         self._generation = -1
@@ -210,14 +237,15 @@ class LMDBDataset(torch.utils.data.Dataset):
         try:
             meta = codec.decode_meta(raw_meta)
         except RecordFormatError as exc:
-            raise DatasetFormatError(f"{self.path}: {exc}") from None
+            raise DatasetFormatError(
+                f"{self.path}: {exc}; {rebuild_hint(None, self.path)}"
+            ) from None
         version = meta.get("schema_version")
         if version != K.SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"{self.path} has LMDB schema version {version}, this code reads "
-                f"version {K.SCHEMA_VERSION}; re-run preprocessing "
-                "(graphormer-ext-preprocess ... "
-                "--overwrite) to rebuild it"
+                f"version {K.SCHEMA_VERSION} (stored graphs with per-record checksums); "
+                f"{rebuild_hint(meta, self.path)}"
             )
         n = meta.get("num_entries")
         if not isinstance(n, int) or n < 0:
@@ -242,7 +270,7 @@ class LMDBDataset(torch.utils.data.Dataset):
             source_index = np.array(index[K.SOURCE_INDEX], dtype=np.int64)
         except (RecordFormatError, KeyError) as exc:
             raise DatasetFormatError(
-                f"{self.path}: corrupt index record ({exc})"
+                f"{self.path}: corrupt index record ({exc}); {rebuild_hint(meta, self.path)}"
             ) from None
         if sizes.shape != (n,) or source_index.shape != (n,):
             raise DatasetFormatError(
@@ -250,6 +278,10 @@ class LMDBDataset(torch.utils.data.Dataset):
             )
         sizes.flags.writeable = False
         source_index.flags.writeable = False
+        try:
+            self._spec = K.path_spec(meta.get("max_hops"), meta.get("path_convention"))
+        except (TypeError, ValueError) as exc:
+            raise DatasetFormatError(f"{self.path}: invalid meta record ({exc})") from None
         return meta, sizes, source_index
 
     # --- per-process environment ------------------------------------------------------
@@ -284,7 +316,7 @@ class LMDBDataset(torch.utils.data.Dataset):
                 f"index {index} out of range for {self.path} ({self._len} records)"
             )
         try:
-            buf = self._connect().get(str(i).encode("ascii"))
+            buf = self._connect().get(K.record_key(i))
         except lmdb.Error as exc:  # a corrupt page; the shared txn is unusable now
             _evict(self._sig[:2])
             raise DatasetFormatError(
@@ -294,18 +326,25 @@ class LMDBDataset(torch.utils.data.Dataset):
         if buf is None:
             raise DatasetFormatError(
                 f"{self.path}: record {i} is missing (meta says {self._len} records); "
-                "re-run preprocessing"
+                f"{rebuild_hint(self._meta, self.path)}"
             )
         try:
             rec = codec.decode(buf)
         except RecordFormatError as exc:
-            raise RecordFormatError(
-                f"{self.path}: record {i} does not decode: {exc}"
+            kind = "is corrupt" if isinstance(exc, ChecksumError) else "does not decode"
+            raise type(exc)(
+                f"{self.path}: record {i} (source index {int(self.source_index[i])}) "
+                f"{kind}: {exc}; the file changed after it was written: "
+                f"{rebuild_hint(self._meta, self.path)}, or restore a good copy"
             ) from None
+        if K.NODE_FEAT in rec:
+            rec[K.PATH_SPEC] = self._spec
         if self.keys is not None:
             try:
                 rec = {
-                    k: rec[k] for k in self.keys if k in rec or k not in K.OPTIONAL_KEYS
+                    k: rec[k]
+                    for k in self._selected
+                    if k in rec or k not in K.OPTIONAL_KEYS + (K.PATH_SPEC,)
                 }
             except KeyError as exc:
                 raise DatasetFormatError(

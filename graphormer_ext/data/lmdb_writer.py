@@ -2,9 +2,11 @@
 
 Layout of a split file (``subdir=False``; schema :data:`keys.SCHEMA_VERSION`):
 
-- ``b"0" .. b"<n-1>"``: ASCII decimal keys, contiguous over the *kept* molecules, each a
-  record encoded with :func:`graphormer_ext.data.codec.encode` (``dict[str,
-  np.ndarray]`` under :mod:`keys` names);
+- :func:`keys.record_key` ``(0) .. (n-1)``: zero-padded ASCII decimal keys, contiguous over
+  the *kept* molecules and appended in order (full LMDB pages), each a record encoded with
+  :func:`graphormer_ext.data.codec.encode` (``dict[str, np.ndarray]`` under :mod:`keys` names,
+  with a crc32): the stored graph (``node_feat``, ``bond_index``, ``bond_feat``, ``pos``,
+  ``y``, ...) or a point cloud (``z``, ``pos``, ...);
 - :data:`keys.INDEX_KEY`: a codec record with :data:`keys.SIZES` (atom counts) and
   :data:`keys.SOURCE_INDEX` (position of each kept record in the source split), both
   int64 ``[n]``;
@@ -211,16 +213,38 @@ def _init_worker(featurize: Callable | None, kwargs: dict) -> None:
 
 def _default_featurize() -> Callable:
     # imported in the workers only: RDKit is needed only where molecules are parsed
-    from graphormer_ext.featurize.pipeline import featurize_record
+    from graphormer_ext.featurize.pipeline import featurize_stored
 
-    return featurize_record
+    return featurize_stored
+
+
+def _to_stored(rec: dict, kwargs: dict) -> dict:
+    """The record to encode: a stored graph without ``path_spec`` (a meta fact), or a point
+    cloud as it is. A model record is turned into its stored graph, checked exactly."""
+    if K.NODE_FEAT in rec:
+        spec = rec.get(K.PATH_SPEC)
+        want = K.path_spec(kwargs["max_hops"], kwargs["path_convention"])
+        if spec is not None and not np.array_equal(spec, want):
+            raise ValueError(
+                f"featurized with path settings {list(spec)} but the split uses "
+                f"{list(want)} (max_hops, legacy)"
+            )
+        return {k: v for k, v in rec.items() if k != K.PATH_SPEC}
+    if K.X in rec:
+        from graphormer_ext.featurize.graph import model_to_stored
+
+        stored = model_to_stored(
+            rec, max_hops=kwargs["max_hops"], path_convention=kwargs["path_convention"]
+        )
+        return {k: v for k, v in stored.items() if k != K.PATH_SPEC}
+    return rec
 
 
 def _process_one(item: Any, featurize: Callable | None, kwargs: dict) -> tuple:
     """Featurize (for a :class:`SourceRecord`) and encode one item.
 
-    Returns ``(_OK, bytes, n_atoms, has_pos, y, hops)`` or ``(_SKIP | _FATAL | _ERROR,
-    item, reason)``.
+    Returns ``(_OK, bytes, n_atoms, has_pos, y)`` or ``(_SKIP | _FATAL | _ERROR, item,
+    reason)``.
     """
     name = item.item if isinstance(item, SourceRecord) else "record"
     try:
@@ -236,11 +260,15 @@ def _process_one(item: Any, featurize: Callable | None, kwargs: dict) -> tuple:
                 f"expected a SourceRecord or a record dict, got {type(item).__name__}"
             )
         # point-cloud records (z + pos, e.g. MD17) have no graph keys
-        point_cloud = K.Z in rec and K.X not in rec
-        required = K.POINT_CLOUD_KEYS if point_cloud else K.STORED_KEYS
+        point_cloud = K.Z in rec and K.X not in rec and K.NODE_FEAT not in rec
+        if point_cloud:
+            required = K.POINT_CLOUD_KEYS
+        else:
+            required = K.GRAPH_KEYS if K.NODE_FEAT in rec else K.MODEL_KEYS
         missing = [k for k in required if k not in rec]
         if missing:
             raise KeyError(f"featurized record lacks required keys {missing}")
+        rec = _to_stored(rec, kwargs)
         buf = codec.encode(rec)
         y = rec.get(K.Y)
         y = (
@@ -249,9 +277,8 @@ def _process_one(item: Any, featurize: Callable | None, kwargs: dict) -> tuple:
             else np.zeros(0)
         )
         if point_cloud:
-            return (_OK, buf, int(rec[K.Z].shape[0]), True, y, 0)
-        hops = int(rec[K.EDGE_INPUT].shape[2]) if rec[K.EDGE_INPUT].ndim == 4 else 0
-        return (_OK, buf, int(rec[K.X].shape[0]), K.POS in rec, y, hops)
+            return (_OK, buf, int(rec[K.Z].shape[0]), True, y)
+        return (_OK, buf, int(rec[K.NODE_FEAT].shape[0]), K.POS in rec, y)
     except MoleculeError as exc:
         return (_SKIP, exc.item, exc.reason)
     except SourceError as exc:
@@ -274,17 +301,15 @@ class _Stats:
         self.atoms_sum = 0
         self.atoms_max = 0
         self.with_pos = 0
-        self.hops_max = 0
         self.y_sum: np.ndarray | None = None
         self.y_sq = None
         self.y_n = None
         self.num_targets: int | None = None
 
-    def add(self, n_atoms: int, has_pos: bool, y: np.ndarray, hops: int) -> None:
+    def add(self, n_atoms: int, has_pos: bool, y: np.ndarray) -> None:
         self.atoms_sum += n_atoms
         self.atoms_max = max(self.atoms_max, n_atoms)
         self.with_pos += bool(has_pos)
-        self.hops_max = max(self.hops_max, hops)
         if self.y_sum is None:
             self.num_targets = y.size
             self.y_sum = np.zeros(y.size)
@@ -306,7 +331,6 @@ class _Stats:
             "num_atoms_mean": (self.atoms_sum / kept) if kept else None,
             "num_atoms_max": self.atoms_max,
             "with_pos": self.with_pos,
-            "edge_input_hops_max": self.hops_max,
             "num_targets": self.num_targets or 0,
         }
         if self.y_sum is not None and self.num_targets:
@@ -343,10 +367,12 @@ class _LMDBSink:
             metasync=False,
             max_dbs=0,
         )
-        self.buffer: list[tuple[bytes, bytes]] = []
+        self.buffer: list[tuple[bytes, bytes, bool]] = []
 
-    def put(self, key: bytes, value: bytes) -> None:
-        self.buffer.append((key, value))
+    def put(self, key: bytes, value: bytes, append: bool = False) -> None:
+        """Buffer one put; ``append`` promises that ``key`` sorts after every key so far
+        (LMDB then fills pages instead of splitting them)."""
+        self.buffer.append((key, value, append))
 
     def commit(self) -> None:
         if not self.buffer:
@@ -354,8 +380,8 @@ class _LMDBSink:
         while True:
             txn = self.env.begin(write=True)
             try:
-                for key, value in self.buffer:
-                    txn.put(key, value, overwrite=True)
+                for key, value, append in self.buffer:
+                    txn.put(key, value, overwrite=True, append=append)
                 txn.commit()
                 break
             except lmdb.MapFullError:
@@ -447,15 +473,17 @@ def write_split(
             ``describe()``).
         source_checksum: precomputed ``source.checksum()`` (hashing large inputs once
             per run).
-        max_hops: maximum stored path length of ``edge_input`` (passed to
-            ``featurize``).
+        max_hops: path hops the model records keep (meta ``max_hops``; the reader
+            derives ``edge_input`` with it). Passed to ``featurize``.
         path_convention: ``"fixed"`` or ``"legacy"`` shortest-path edge reconstruction.
         max_atoms: molecules with more atoms are skipped by ``featurize``; ``None`` = no
             limit.
         remove_hs: drop explicit hydrogens while featurizing.
         featurize: ``featurize(rec, *, max_hops, path_convention, max_atoms, remove_hs)
             -> dict``; defaults to
-            :func:`graphormer_ext.featurize.pipeline.featurize_record`. Must be
+            :func:`graphormer_ext.featurize.pipeline.featurize_stored`. A featurizer that
+            returns model records (``featurize_record``) works too: each is stored as its
+            graph after checking that the graph derives it exactly. Must be
             picklable (a module-level function) when ``workers > 1``.
         workers: worker processes (default: all cores); ``<= 1`` featurizes in this
             process.
@@ -660,9 +688,9 @@ class _SplitWriter:
         self.counts["read"] += 1
         status = result[0]
         if status == _OK:
-            _, buf, n_atoms, has_pos, y, hops = result
-            self.sink.put(str(self.counts["kept"]).encode("ascii"), buf)
-            self.stats.add(n_atoms, has_pos, y, hops)
+            _, buf, n_atoms, has_pos, y = result
+            self.sink.put(K.record_key(self.counts["kept"]), buf, append=True)
+            self.stats.add(n_atoms, has_pos, y)
             self.sizes.append(n_atoms)
             self.source_index.append(position)
             self.counts["kept"] += 1

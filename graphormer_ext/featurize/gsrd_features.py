@@ -91,12 +91,21 @@ def _ring_info(z, bond):
 
 
 def from_graph_record(record: dict) -> tuple[np.ndarray, np.ndarray]:
-    """GSRD features of a Transformer-M graph record (``x`` + ``attn_edge_type``)."""
-    x = np.asarray(record[K.X], dtype=np.int64)
-    raw = x - K.X_SHIFT - K.FEATURE_OFFSET * np.arange(x.shape[1])  # OGB raw values [N, 9]
+    """GSRD features of a graph record: stored (``node_feat`` + bonds) or model (``x`` +
+    ``attn_edge_type``)."""
+    if K.NODE_FEAT in record:
+        raw = np.asarray(record[K.NODE_FEAT], dtype=np.int64)  # OGB raw values [N, 9]
+        pairs = np.asarray(record[K.BOND_INDEX], dtype=np.int64)  # [M, 2]
+        bond_raw = np.full((raw.shape[0],) * 2, -1, dtype=np.int64)  # OGB bond type, -1 none
+        types = np.asarray(record[K.BOND_FEAT], dtype=np.int64)[:, 0]
+        bond_raw[pairs[:, 0], pairs[:, 1]] = types
+        bond_raw[pairs[:, 1], pairs[:, 0]] = types
+    else:
+        x = np.asarray(record[K.X], dtype=np.int64)
+        raw = x - K.X_SHIFT - K.FEATURE_OFFSET * np.arange(x.shape[1])  # OGB raw [N, 9]
+        aet = np.asarray(record[K.ATTN_EDGE_TYPE], dtype=np.int64)[..., 0]  # [N, N]
+        bond_raw = np.where(aet > 0, aet - K.EDGE_TYPE_SHIFT, -1)  # OGB bond type, -1 none
     z = raw[:, 0] + 1
-    aet = np.asarray(record[K.ATTN_EDGE_TYPE], dtype=np.int64)[..., 0]  # [N, N]
-    bond_raw = np.where(aet > 0, aet - K.EDGE_TYPE_SHIFT, -1)  # OGB bond type, -1 none
     bond = np.where((bond_raw >= 0) & (bond_raw <= 3), bond_raw + 1, 0).astype(np.int8)
     bond = np.maximum(bond, bond.T)
     hyb = raw[:, 6]  # OGB: SP, SP2, SP3, SP3D, SP3D2, misc(5)
@@ -170,7 +179,7 @@ class GsrdFeaturizer:
         self._cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
 
     def __call__(self, record: dict) -> tuple[np.ndarray, np.ndarray]:
-        if K.X in record and K.ATTN_EDGE_TYPE in record:
+        if K.NODE_FEAT in record or (K.X in record and K.ATTN_EDGE_TYPE in record):
             return from_graph_record(record)
         z = np.asarray(record[K.Z], dtype=np.int64).reshape(-1)
         key = z.astype(np.int16).tobytes()

@@ -1,4 +1,4 @@
-"""Worker-side glue: one :class:`SourceRecord` -> one model-ready record (numpy)."""
+"""Worker-side glue: one :class:`SourceRecord` -> its stored graph (LMDB) or model record (numpy)."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,6 +12,7 @@ from graphormer_ext.featurize.molecules import (
     positions,
     smiles_heavy_formula,
 )
+from graphormer_ext.featurize.graph import graph_to_stored
 from graphormer_ext.featurize.ogb_features import FEATURIZER_VERSION, mol_to_graph
 from graphormer_ext.sources.base import (
     ARRAYS_KIND,
@@ -24,6 +25,7 @@ from graphormer_ext.sources.base import (
 __all__ = [
     "FEATURIZER_VERSION",
     "featurize_record",
+    "featurize_stored",
     "parse_record",
     "point_cloud_record",
     "provenance_arrays",
@@ -66,7 +68,7 @@ def parse_record(rec: SourceRecord, *, remove_hs: bool = True):
     )
 
 
-def featurize_record(
+def featurize_stored(
     rec: SourceRecord,
     *,
     max_hops: int = 5,
@@ -77,22 +79,23 @@ def featurize_record(
     """Featurize one raw molecule into its stored LMDB record (picklable for pools).
 
     Steps: parse by ``rec.kind``; check the heavy-atom formula against
-        ``rec.check_smiles`` if set;
-    reject empty and oversized molecules; OGB features (:func:`mol_to_graph`); positions
-    if ``rec.use_3d``; then :func:`graphormer_ext.featurize.graph.graph_to_record`
-    (offsets, shortest paths). Single atoms and disconnected fragments are kept.
+    ``rec.check_smiles`` if set; reject empty and oversized molecules; OGB features
+    (:func:`mol_to_graph`); positions if ``rec.use_3d``; then
+    :func:`graphormer_ext.featurize.graph.graph_to_stored`. Single atoms and disconnected
+    fragments are kept. No shortest path is computed here: the reader derives them.
 
     Args:
         rec: the raw record.
-        max_hops: longest shortest path whose edges are stored in ``edge_input``.
+        max_hops: longest shortest path whose edges the model record keeps.
         path_convention: ``"fixed"`` or ``"legacy"`` (see
             :mod:`graphormer_ext.data.keys`).
         max_atoms: largest accepted number of (heavy) atoms; ``None`` accepts any.
         remove_hs: drop hydrogens of MOL/XYZ input.
 
     Returns:
-        dict keyed by :mod:`graphormer_ext.data.keys` constants (``pos`` only with
-        ``use_3d``, ``y`` as given by the record).
+        dict keyed by :mod:`graphormer_ext.data.keys` constants: the stored graph
+        (``node_feat``, ``bond_index``, ``bond_feat``, ``path_spec``), ``pos`` only with
+        ``use_3d``, ``y`` as given by the record.
 
     Raises:
         MoleculeError: this molecule is unusable (skip it and list it with the reason).
@@ -135,10 +138,7 @@ def featurize_record(
     # NaN is the hidden-label convention (keys.py); inf would be read as missing too
     if np.isinf(y).any():
         raise MoleculeError(rec.item, f"infinite label {y.tolist()}")
-    # Imported here: graph.py loads the compiled extension, not needed for parsing.
-    from graphormer_ext.featurize.graph import graph_to_record
-
-    out = graph_to_record(
+    out = graph_to_stored(
         graph["node_feat"],
         graph["edge_index"],
         graph["edge_attr"],
@@ -175,6 +175,39 @@ def provenance_arrays(rec: SourceRecord, mol) -> dict[str, np.ndarray]:
     if rec.source_id is not None:
         out[K.SOURCE_ID] = encode_text(rec.source_id)
     return out
+
+
+def featurize_record(
+    rec: SourceRecord,
+    *,
+    max_hops: int = 5,
+    path_convention: str = "fixed",
+    max_atoms: int | None = None,
+    remove_hs: bool = True,
+) -> dict[str, np.ndarray]:
+    """Featurize one raw molecule into its model record: :func:`featurize_stored`, then
+    :func:`graphormer_ext.featurize.graph.expand_record` (offsets, shortest paths).
+
+    Arguments, errors and the ``kind="arrays"`` case are those of :func:`featurize_stored`.
+
+    Returns:
+        dict keyed by :mod:`graphormer_ext.data.keys` constants: the model keys
+        (``x``, ``in_degree``, ``spatial_pos``, ``attn_edge_type``, ``edge_input``), ``pos``
+        only with ``use_3d``, ``y`` as given by the record.
+    """
+    stored = featurize_stored(
+        rec,
+        max_hops=max_hops,
+        path_convention=path_convention,
+        max_atoms=max_atoms,
+        remove_hs=remove_hs,
+    )
+    if rec.kind == ARRAYS_KIND:
+        return stored
+    # Imported here: expanding loads the compiled extension, not needed for parsing.
+    from graphormer_ext.featurize.graph import expand_record
+
+    return expand_record(stored)
 
 
 def point_cloud_record(

@@ -95,7 +95,7 @@ def test_record_dtypes_keys_and_values():
     node_feat, edge_index, edge_attr = _ethanol()
     edge_attr[:, 0] = [1, 1, 0, 0]
     rec = graph_to_record(node_feat, edge_index, edge_attr)
-    assert set(rec) == set(keys.STORED_KEYS)
+    assert set(rec) == set(keys.MODEL_KEYS)
     for key in INT_KEYS:
         assert rec[key].dtype == np.int16, key
     offsets = keys.FEATURE_OFFSET * np.arange(keys.NUM_ATOM_FEATURES)

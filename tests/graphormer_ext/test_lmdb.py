@@ -13,31 +13,33 @@ from graphormer_ext.data import lmdb_dataset as lmdb_dataset_module
 from graphormer_ext.data.base import GraphDataset
 from graphormer_ext.data.collator import Collator
 from graphormer_ext.data.lmdb_dataset import (
+    ChecksumError,
     DatasetFormatError,
     LMDBDataset,
     RecordFormatError,
     SchemaVersionError,
 )
-from graphormer_ext.data.lmdb_writer import skip_list_path, write_split
+from graphormer_ext.data.lmdb_writer import WriteError, skip_list_path, write_split
+from graphormer_ext.featurize.graph import expand_record, graph_to_stored
 from graphormer_ext.sources.base import MoleculeError, Source, SourceError, SourceRecord
 
 
 def make_record(seed: int, with_pos: bool = True) -> dict:
-    """A random record in the stored layout of keys.py (not a valid molecule)."""
+    """A random molecular graph in the stored layout of keys.py (random features and bonds)."""
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 12))
-    hops = int(min(n - 1, 5))
-    rec = {
-        K.X: rng.integers(2, 4608, size=(n, 9)).astype(np.int16),
-        K.DEGREE: rng.integers(1, 5, size=n).astype(np.int16),
-        K.SPATIAL_POS: rng.integers(1, 8, size=(n, n)).astype(np.int16),
-        K.ATTN_EDGE_TYPE: rng.integers(0, 1536, size=(n, n, 3)).astype(np.int16),
-        K.EDGE_INPUT: rng.integers(0, 1536, size=(n, n, hops, 3)).astype(np.int16),
-        K.Y: rng.normal(size=1).astype(np.float32),
-    }
-    if with_pos:
-        rec[K.POS] = rng.normal(size=(n, 3)).astype(np.float32)
-    return rec
+    pairs = {(int(rng.integers(0, i)), i) for i in range(1, n) if rng.random() < 0.9}
+    pairs |= {tuple(sorted(map(int, rng.choice(n, 2, replace=False)))) for _ in range(n // 3)}
+    bonds = np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+    edge_index = np.concatenate([bonds, bonds[:, ::-1]]).T
+    bond_feat = rng.integers(0, 5, size=(len(bonds), 3))
+    return graph_to_stored(
+        rng.integers(0, 120, size=(n, 9)),
+        edge_index,
+        np.concatenate([bond_feat, bond_feat]),
+        pos=rng.normal(size=(n, 3)) if with_pos else None,
+        y=rng.normal(size=1),
+    )
 
 
 def fake_featurize(rec: SourceRecord, **kwargs) -> dict:
@@ -88,7 +90,7 @@ def test_round_trip_and_meta(split8):
     for i, rec in enumerate(recs):
         assert_record_equal(ds[i], rec)
     assert ds.sizes.dtype == np.int64
-    assert ds.sizes.tolist() == [r[K.X].shape[0] for r in recs]
+    assert ds.sizes.tolist() == [r[K.NODE_FEAT].shape[0] for r in recs]
     assert ds.source_index.tolist() == list(range(8))
     m = ds.meta
     assert m["schema_version"] == K.SCHEMA_VERSION and m["split"] == "train"
@@ -99,8 +101,10 @@ def test_round_trip_and_meta(split8):
     assert m["stats"]["num_atoms_max"] == max(ds.sizes)
     assert m["stats"]["with_pos"] == sum(K.POS in r for r in recs)
     assert {"created", "package_version", "path_convention", "max_hops"} <= set(m)
-    sub = LMDBDataset(path, keys=[K.X, K.Y])
-    assert set(sub[0]) == {K.X, K.Y}
+    sub = LMDBDataset(path, keys=[K.Y])
+    assert set(sub[0]) == {K.Y}
+    sub = LMDBDataset(path, keys=[K.NODE_FEAT, K.BOND_INDEX, K.BOND_FEAT])
+    assert set(sub[0]) == {*K.GRAPH_KEYS, K.PATH_SPEC}  # paths travel with the graph
     with pytest.raises(IndexError):
         ds[8]
     assert not os.path.exists(str(path) + "-lock")
@@ -157,9 +161,8 @@ def test_parallel_featurize_skips_and_contiguous_keys(tmp_path):
     with lmdb.open(str(path), subdir=False, readonly=True, lock=False) as env:
         with env.begin() as txn:
             keys = [k for k, _ in txn.cursor()]
-    assert sorted(keys) == sorted(
-        [str(i).encode() for i in range(7)] + [K.INDEX_KEY, K.META_KEY]
-    )
+    assert keys == [K.record_key(i) for i in range(7)] + [K.INDEX_KEY, K.META_KEY]
+    assert K.record_key(3) == b"0000000003"
 
 
 def test_refuses_overwrite(split8):
@@ -234,7 +237,7 @@ def test_meta_length_without_key_scan(split8, monkeypatch):
         lmdb_dataset_module.lmdb, "open", lambda *a, **k: Guard(real_open(*a, **k))
     )
     ds = LMDBDataset(path)
-    assert len(ds) == 8 and ds[7][K.X].shape[1] == 9
+    assert len(ds) == 8 and ds[7][K.NODE_FEAT].shape[1] == 9
 
 
 # --- loud failures --------------------------------------------------------------------
@@ -279,9 +282,8 @@ def test_schema_mismatch(split8):
     with pytest.raises(SchemaVersionError) as exc:
         LMDBDataset(path)
     msg = str(exc.value)
-    assert (
-        "999" in msg and str(K.SCHEMA_VERSION) in msg and "re-run preprocessing" in msg
-    )
+    assert "999" in msg and str(K.SCHEMA_VERSION) in msg
+    assert "rebuild it with `graphormer-ext-preprocess" in msg and "--overwrite" in msg
 
 
 def test_entries_disagree_and_missing_meta(split8):
@@ -299,14 +301,14 @@ def test_entries_disagree_and_missing_meta(split8):
 
 def test_corrupt_and_missing_record(split8):
     path = split8[0]
-    _edit(path, lambda t: t.put(b"3", b"GXR1\xff\xff\x00\x00garbage"))
+    _edit(path, lambda t: t.put(K.record_key(3), b"GXR2\xff\xff\x00\x00garbage"))
     ds = LMDBDataset(path)
-    assert ds[2][K.X].ndim == 2
+    assert ds[2][K.NODE_FEAT].ndim == 2
     with pytest.raises(RecordFormatError, match="record 3"):
         ds[3]
 
     def drop_five(txn):
-        txn.delete(b"5")
+        txn.delete(K.record_key(5))
         txn.put(b"stray", b"x")  # keep the entry count consistent
 
     _edit(path, drop_five)
@@ -387,3 +389,142 @@ def test_cli_csv_end_to_end(tmp_path, capsys, caplog):
     assert main(argv) == 2  # refuses to overwrite
     assert "--overwrite" in caplog.text
     assert main(argv + ["--overwrite"]) == 0
+
+
+# --- schema 2: checksums, old files, stored graphs -------------------------------------
+def _flip_bit(path, key, byte, bit=0):
+    def flip(txn):
+        value = bytearray(txn.get(key))
+        value[byte] ^= 1 << bit
+        txn.put(key, bytes(value))
+
+    _edit(path, flip)
+
+
+def test_bit_flip_in_a_record_names_file_and_record(split8):
+    path, recs, _ = split8
+    ds = LMDBDataset(path)
+    raw = ds._connect().get(K.record_key(4))
+    y_at = raw.rindex(recs[4][K.Y].tobytes())  # the label's bytes: 5.8 -> 23.3 in schema 1
+    _flip_bit(path, K.record_key(4), y_at + 3, bit=1)
+    ds = LMDBDataset(path)
+    with pytest.raises(ChecksumError) as exc:
+        ds[4]
+    msg = str(exc.value)
+    assert str(path) in msg and "record 4 (source index 4)" in msg and "checksum" in msg
+    assert "graphormer-ext-preprocess" in msg
+    assert_record_equal(ds[5], recs[5])  # the other records still read
+
+
+def test_every_single_bit_flip_is_caught(split8):
+    """No flipped bit of a record reads back as a (silently different) record."""
+    path, recs, _ = split8
+    ds = LMDBDataset(path)
+    good = bytes(ds._connect().get(K.record_key(1)))
+    for bit in range(len(good) * 8):
+        value = bytearray(good)
+        value[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(RecordFormatError):
+            codec.decode(bytes(value))
+    assert_record_equal(
+        dict(codec.decode(good), **{K.PATH_SPEC: recs[1][K.PATH_SPEC]}), recs[1]
+    )
+
+
+def test_bit_flip_in_meta_and_index(split8):
+    path = split8[0]
+    _flip_bit(path, K.INDEX_KEY, 40)
+    with pytest.raises(DatasetFormatError, match="corrupt index record.*checksum"):
+        LMDBDataset(path)
+    _flip_bit(path, K.INDEX_KEY, 40)  # back
+    LMDBDataset(path)
+    _flip_bit(path, K.META_KEY, 30)
+    with pytest.raises(DatasetFormatError, match="__meta__.*checksum"):
+        LMDBDataset(path)
+
+
+def _encode_schema1(record: dict) -> bytes:
+    """The schema-1 codec (JSON header, 8-byte aligned arrays, no checksum), for old files."""
+    import json
+    import struct
+
+    header, chunks, offset = [], [], 0
+    for name, arr in record.items():
+        raw = np.ascontiguousarray(arr).tobytes()
+        header.append([name, arr.dtype.str, list(arr.shape), offset])
+        chunks.append(raw + b"\0" * ((-len(raw)) % 8))
+        offset += len(chunks[-1])
+    head = json.dumps(header, separators=(",", ":")).encode()
+    prefix = b"GXR1" + struct.pack("<I", len(head)) + head
+    return prefix + b"\0" * ((-len(prefix)) % 8) + b"".join(chunks)
+
+
+def test_schema1_split_asks_for_a_rebuild(tmp_path):
+    """A split written by the previous version (per-record model arrays, bare JSON meta)."""
+    import json
+
+    path = tmp_path / "train.lmdb"
+    rec = expand_record(make_record(0))
+    with lmdb.open(str(path), subdir=False, lock=False) as env:
+        with env.begin(write=True) as txn:
+            txn.put(b"0", _encode_schema1(rec))
+            txn.put(K.INDEX_KEY, _encode_schema1(
+                {K.SIZES: np.array([rec[K.X].shape[0]]), K.SOURCE_INDEX: np.array([0])}
+            ))
+            txn.put(K.META_KEY, json.dumps({
+                "schema_version": 1, "num_entries": 1, "split": "train",
+                "path_convention": "fixed", "max_hops": 5,
+                "preprocess_args": {"command": "pcqm4mv2", "out": str(tmp_path)},
+            }).encode())  # fmt: skip
+    with pytest.raises(SchemaVersionError) as exc:
+        LMDBDataset(path)
+    msg = str(exc.value)
+    assert "schema version 1" in msg and f"version {K.SCHEMA_VERSION}" in msg
+    assert f"`graphormer-ext-preprocess pcqm4mv2 ... --out {tmp_path} --overwrite`" in msg
+    with pytest.raises(RecordFormatError, match="schema-1 record"):
+        codec.decode(_encode_schema1(rec))
+
+
+def test_model_records_are_stored_as_their_graph(tmp_path):
+    """A featurizer returning model records (graph_to_record) is stored exactly; arrays that
+    the graph does not derive (hand-made paths, another convention) stop the run."""
+    recs = [expand_record(make_record(i)) for i in range(5)]
+    path = tmp_path / "train.lmdb"
+    write_split(path, recs, workers=1, progress=False)
+    from graphormer_ext.data.collator import Collator
+
+    ds = LMDBDataset(path)
+    got = Collator()([(i, ds[i]) for i in range(5)])
+    want = Collator()(list(enumerate(recs)))
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    bad = dict(recs[3])
+    bad[K.EDGE_INPUT] = bad[K.EDGE_INPUT].copy()
+    if bad[K.EDGE_INPUT].size:
+        bad[K.EDGE_INPUT].flat[0] += 1
+    else:
+        bad[K.SPATIAL_POS] = bad[K.SPATIAL_POS] + 1
+    with pytest.raises(WriteError, match="differs from the one derived"):
+        write_split(tmp_path / "bad.lmdb", recs[:3] + [bad], workers=1, progress=False)
+    legacy = graph_to_stored(
+        np.zeros((1, 9), np.int64), np.zeros((2, 0), np.int64), np.zeros((0, 3), np.int64),
+        path_convention="legacy",
+    )
+    with pytest.raises(WriteError, match="path settings"):
+        write_split(tmp_path / "mixed.lmdb", [legacy], workers=1, progress=False)
+    assert not (tmp_path / "bad.lmdb").exists() and not (tmp_path / "mixed.lmdb").exists()
+
+
+def test_records_are_compact(tmp_path):
+    """Stored graphs, not model arrays: a 30-atom chain record stays small on disk."""
+    n = 30
+    bonds = np.array([[i, i + 1] for i in range(n - 1)])
+    rec = graph_to_stored(
+        np.ones((n, 9), np.int64), np.concatenate([bonds, bonds[:, ::-1]]).T,
+        np.ones((2 * (n - 1), 3), np.int64), y=[1.0],
+    )  # fmt: skip
+    stored = {k: v for k, v in rec.items() if k != K.PATH_SPEC}
+    buf = codec.encode(stored)
+    assert rec[K.NODE_FEAT].dtype == rec[K.BOND_INDEX].dtype == np.uint8
+    assert len(buf) < 9 * n + 5 * (n - 1) + 4 + 100  # payload + < 100 B of header
+    assert len(codec.encode(expand_record(rec))) > 20 * len(buf)

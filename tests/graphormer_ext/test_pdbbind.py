@@ -234,7 +234,7 @@ def test_preprocess_pdbbind_writes_splits_and_lists_skips(fake, tmp_path):
             rec = ds[i]
             code = codes[ds.source_index[i]]
             assert rec[K.Y].tolist() == [pytest.approx(fake.labels[code])]
-            assert rec[K.POS].shape == (rec[K.X].shape[0], 3)
+            assert rec[K.POS].shape == (rec[K.NODE_FEAT].shape[0], 3)
     # the complex whose SDF RDKit cannot read is kept, from its MOL2
     assert fake.mol2_only[0] not in skips
     # max-atoms filter: counted and listed with the reason

@@ -64,7 +64,7 @@ def data(tmp_path_factory):
         for i in rows:
             r = {k: np.array(v) for k, v in recs[i].items()}
             r["y"] = rng.normal(size=19).astype(np.float32)
-            r["y"][2] = -0.2 * len(r["x"]) + 0.01 * rng.normal()  # "homo" ~ atom count (learnable)
+            r["y"][2] = -0.2 * len(r["node_feat"]) + 0.01 * rng.normal()  # "homo" ~ atom count (learnable)
             items.append(r)
         write_split(root / "qm9" / f"{split}.lmdb", items, split=split, progress=False, workers=1)
     return root

@@ -58,7 +58,7 @@ def test_features_graph_record_match_rdkit(pcq):
     from rdkit import Chem
 
     feat, bond = gf.from_graph_record(pcq[0])
-    assert feat.shape == (len(pcq[0]["x"]), 60) and feat.dtype == np.uint8
+    assert feat.shape == (len(pcq[0]["node_feat"]), 60) and feat.dtype == np.uint8
     blocks = [(0, 22), (23, 31), (31, 37), (37, 45), (45, 49), (55, 60)]  # one-hot blocks
     for lo, hi in blocks[1:]:
         assert (feat[:, lo:hi].sum(1) == 1).all()

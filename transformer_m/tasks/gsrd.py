@@ -24,6 +24,7 @@ from omegaconf import II
 
 from graphormer_ext.data import keys as K
 from graphormer_ext.data.base import EpochDataset
+from graphormer_ext.data.collator_3d import atomic_numbers
 from graphormer_ext.data.lmdb_dataset import LMDBDataset
 from graphormer_ext.featurize.gsrd_features import GsrdFeaturizer
 
@@ -169,9 +170,7 @@ class GsrdDataset(EpochDataset, FairseqDataset):
 
 
 def _z_of(rec) -> np.ndarray:
-    if K.Z in rec:
-        return np.asarray(rec[K.Z], dtype=np.int64).reshape(-1)
-    return np.asarray(rec[K.X])[:, 0].astype(np.int64) - (K.X_SHIFT - 1)
+    return atomic_numbers(rec)
 
 
 def _split_file(data_path: str, split: str) -> str:
