@@ -269,11 +269,18 @@ class Collator:
             batch[K.NODE_TYPE_EDGE] = torch.from_numpy(nte)
         return batch
 
+    def batch_nbytes(self, batch_size: int, max_atoms: int) -> int:
+        """Upper bound of the bytes of a batch of ``batch_size`` molecules whose largest has
+        ``max_atoms`` atoms (padding and the hop count as this collator sets them)."""
+        n_pad = -(-(max_atoms + 1) // self.pad_multiple) * self.pad_multiple - 1
+        hops = max(min(self.max_hops, max_atoms - 1), min(1, self.max_hops))  # <= N - 1
+        itemsize = np.dtype(self._np_index).itemsize
+        return batch_bytes(batch_size, n_pad, hops, self.with_pos, itemsize)
+
     def _check_size(self, idx: np.ndarray, bsz: int, n_pad: int, n_max: int) -> None:
         if self.max_batch_bytes is None:
             return
-        hops = min(self.max_hops, max(n_max - 1, 1))  # paths are at most N - 1 hops
-        size = batch_bytes(bsz, n_pad, hops, self.with_pos, np.dtype(self._np_index).itemsize)
+        size = self.batch_nbytes(bsz, n_max)
         if size > self.max_batch_bytes:
             raise ValueError(
                 f"a batch of {bsz} molecules padded to {n_pad} atoms (idx {int(idx[0])}, ...) "

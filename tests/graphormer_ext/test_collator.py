@@ -165,7 +165,10 @@ def test_hops_and_2d_collator(stored):
 class _ListDataset:
     def __init__(self, records):
         self.records = records
-        self.sizes = np.array([r[K.X].shape[0] for r in records], dtype=np.int64)
+        self.sizes = np.array(
+            [(r[K.NODE_FEAT] if K.NODE_FEAT in r else r[K.X]).shape[0] for r in records],
+            dtype=np.int64,
+        )
         self.epoch = None
 
     def __len__(self):
@@ -255,3 +258,69 @@ def test_single_atom_batch_gets_one_padding_hop():
     assert tuple(batch[K.EDGE_INPUT].shape) == (2, 1, 1, 1, 3)
     assert int(batch[K.EDGE_INPUT].abs().sum()) == 0
     assert tuple(Collator(max_hops=0)([dict(methane, idx=0)])[K.EDGE_INPUT].shape) == (1, 1, 1, 0, 3)
+
+
+# --- long-tailed data: size buckets and a byte budget ---------------------------------
+def _stored_sized(sizes, seed=0):
+    """Stored chains of the given atom counts (real graphs: the collator derives paths)."""
+    from graphormer_ext.featurize.graph import graph_to_stored
+
+    recs = []
+    for n in sizes:
+        bonds = np.array([[i, i + 1] for i in range(int(n) - 1)], dtype=np.int64).reshape(-1, 2)
+        recs.append(graph_to_stored(
+            np.zeros((int(n), 9), np.int64), np.concatenate([bonds, bonds[:, ::-1]]).T,
+            np.zeros((2 * len(bonds), 3), np.int64), y=[float(n)],
+        ))  # fmt: skip
+    return _ListDataset(recs)
+
+
+def test_size_buckets_auto_for_long_tailed_data_only(caplog):
+    from graphormer_ext.data.base import is_long_tailed, size_bucket
+
+    assert size_bucket(np.array([1, 4, 5, 9, 10, 100])).tolist() == [0, 6, 7, 9, 10, 20]
+    rng = np.random.default_rng(0)
+    typical = rng.integers(8, 30, size=300)
+    assert not is_long_tailed(typical) and is_long_tailed(np.r_[typical, 122])
+    plain = GraphDataset(_stored_sized(typical), Collator(), shuffle=True, seed=1)
+    assert not plain.size_buckets  # PCQM4Mv2-like sizes keep the release's random batches
+    assert np.array_equal(plain.ordered_indices(), EpochDataset.ordered_indices(plain))
+
+    sizes = np.r_[typical, 122, 90, 70]
+    caplog.set_level("INFO")
+    ds = GraphDataset(_stored_sized(sizes), Collator(), shuffle=True, seed=1)
+    assert ds.size_buckets and "long-tailed" in caplog.text
+    order = ds.ordered_indices()
+    assert sorted(order.tolist()) == list(range(len(sizes)))  # nothing left out
+    assert np.all(np.diff(size_bucket(sizes[order])) >= 0)
+    ds.set_epoch(2)
+    assert not np.array_equal(order, ds.ordered_indices())  # new composition each epoch
+    batches = ds.batch_by_size(order, max_sentences=16)
+    assert np.array_equal(np.concatenate(batches), order)
+    pad_bucketed = sum(len(b) * sizes[b].max() ** 2 for b in batches)
+    random = GraphDataset(_stored_sized(sizes), Collator(), shuffle=True, seed=1,
+                          size_buckets=False)  # fmt: skip
+    rbatches = random.batch_by_size(random.ordered_indices(), max_sentences=16)
+    pad_random = sum(len(b) * sizes[b].max() ** 2 for b in rbatches)
+    assert pad_bucketed < 0.7 * pad_random, (pad_bucketed, pad_random)
+    valid = GraphDataset(_stored_sized(sizes), Collator(), shuffle=False)
+    assert valid.ordered_indices().tolist() == list(range(len(sizes)))  # order kept
+
+
+def test_byte_budget_splits_batches_and_counts_what_cannot_fit(caplog):
+    sizes = np.r_[np.full(300, 12), 122, 121]
+    coll = Collator(max_batch_bytes=24 * 2**20)
+    ds = GraphDataset(_stored_sized(sizes), coll, size_buckets=False)
+    order = ds.ordered_indices()
+    batches = ds.batch_by_size(order, max_sentences=256)
+    assert np.array_equal(np.concatenate(batches), order)  # every molecule, once
+    for b in batches:
+        assert coll.batch_nbytes(len(b), int(sizes[b].max())) <= coll.max_batch_bytes
+        batch = ds.collater([ds[int(i)] for i in b])  # and the collator accepts them
+        assert batch[K.IDX].tolist() == b.tolist()
+    assert [len(b) for b in batches][-1] <= 2  # the two large ones were split off
+    tight = Collator(max_batch_bytes=coll.batch_nbytes(1, 121))
+    small = GraphDataset(_stored_sized(sizes), tight, size_buckets=False)
+    kept = small.ordered_indices()
+    assert len(kept) == len(sizes) - 1 and 300 not in kept  # 122 atoms alone do not fit
+    assert "leaving out 1 of 302 molecules larger than a batch" in caplog.text
