@@ -23,7 +23,13 @@ except ImportError as _exc:  # the Cython extension has not been compiled
 else:
     _ALGOS_IMPORT_ERROR = None
 
-__all__ = ["graph_to_record", "graph_to_stored", "expand_record", "model_to_stored"]
+__all__ = [
+    "graph_to_record",
+    "graph_to_stored",
+    "stored_from_bonds",
+    "expand_record",
+    "model_to_stored",
+]
 
 # Largest raw feature value whose stored x / attn_edge_type index stays inside its 512-wide
 # block of the shared vocabulary (510 would alias the next feature's padding-shifted range).
@@ -159,6 +165,44 @@ def graph_to_stored(
             edges, feature values outside the vocabulary, degree above
             ``keys.MAX_DEGREE``, bad ``pos``, ``max_hops`` or ``path_convention``.
     """
+    raw_x = _int_matrix(node_feat, "node_feat", keys.NUM_ATOM_FEATURES)
+    n = raw_x.shape[0]
+    if n == 0:
+        raise ValueError("the graph has no atoms (N = 0)")
+    raw_e = _int_matrix(edge_attr, "edge_attr", keys.NUM_BOND_FEATURES)
+    _check_vocab(raw_e, "edge_attr", _MAX_RAW_BOND)
+    bonds, bond_feat = _bonds(edge_index, raw_e, n)
+    return stored_from_bonds(
+        raw_x, bonds, bond_feat, pos=pos, y=y, max_hops=max_hops,
+        path_convention=path_convention,
+    )
+
+
+def stored_from_bonds(
+    node_feat,
+    bond_index,
+    bond_feat,
+    *,
+    pos=None,
+    y=None,
+    max_hops: int | None = 5,
+    path_convention: str = "fixed",
+) -> dict[str, np.ndarray]:
+    """The stored graph of raw atom features and one row per bond (the featurizer's fast
+    path: no directed edge list is built or matched).
+
+    Args:
+        node_feat: raw OGB atom features [N, 9], integers in [0, 509].
+        bond_index: ``(i, j)`` atoms of each bond [M, 2]; each bond once.
+        bond_feat: raw OGB features of each bond [M, 3], integers in [0, 509].
+        pos, y, max_hops, path_convention: as :func:`graph_to_stored`.
+
+    Returns:
+        As :func:`graph_to_stored` (bond rows as given).
+
+    Raises:
+        ValueError: as :func:`graph_to_stored` (a bond listed twice is an error there only).
+    """
     if path_convention not in keys.PATH_CONVENTIONS:
         raise ValueError(
             f"path_convention must be one of {keys.PATH_CONVENTIONS}, got {path_convention!r}"
@@ -167,16 +211,26 @@ def graph_to_stored(
         isinstance(max_hops, bool) or not isinstance(max_hops, (int, np.integer)) or max_hops < 1
     ):
         raise ValueError(f"max_hops must be a positive int or None, got {max_hops!r}")
-
     raw_x = _int_matrix(node_feat, "node_feat", keys.NUM_ATOM_FEATURES)
     n = raw_x.shape[0]
     if n == 0:
         raise ValueError("the graph has no atoms (N = 0)")
-    _check_vocab(raw_x, "node_feat", _MAX_RAW_ATOM)
-    raw_e = _int_matrix(edge_attr, "edge_attr", keys.NUM_BOND_FEATURES)
-    _check_vocab(raw_e, "edge_attr", _MAX_RAW_BOND)
-    bonds, bond_feat = _bonds(edge_index, raw_e, n)
+    if raw_x.min() < 0 or raw_x.max() > _MAX_RAW_ATOM:
+        _check_vocab(raw_x, "node_feat", _MAX_RAW_ATOM)
+    bonds = _int_matrix(bond_index, "bond_index", 2)
+    raw_e = _int_matrix(bond_feat, "bond_feat", keys.NUM_BOND_FEATURES)
+    if raw_e.shape[0] != bonds.shape[0]:
+        raise ValueError(
+            f"bond_index has {bonds.shape[0]} bonds but bond_feat has {raw_e.shape[0]} rows"
+        )
     if bonds.shape[0]:
+        if raw_e.min() < 0 or raw_e.max() > _MAX_RAW_BOND:
+            _check_vocab(raw_e, "bond_feat", _MAX_RAW_BOND)
+        if bonds.min() < 0 or bonds.max() >= n:
+            raise ValueError(f"bond_index has atom indices outside [0, {n - 1}] (N = {n})")
+        loops = bonds[:, 0] == bonds[:, 1]
+        if loops.any():
+            raise ValueError(f"bond_index has a self-loop at atom {int(bonds[loops][0, 0])}")
         degree = np.bincount(bonds.ravel(), minlength=n)
         if degree.max() > keys.MAX_DEGREE:
             atom = int(degree.argmax())
@@ -188,11 +242,10 @@ def graph_to_stored(
             f"the graph has N = {n} atoms; at most {_UNREACHABLE} are supported "
             "(algos.UNREACHABLE is the unreachable-distance sentinel)"
         )
-
     record = {
         keys.NODE_FEAT: _small_uint(raw_x),
         keys.BOND_INDEX: bonds.astype(np.uint8 if n <= 0x100 else np.uint16),
-        keys.BOND_FEAT: _small_uint(bond_feat),
+        keys.BOND_FEAT: _small_uint(raw_e),
     }
     if pos is not None:
         coords = np.asarray(pos, dtype=np.float32)

@@ -12,8 +12,12 @@ from graphormer_ext.featurize.molecules import (
     positions,
     smiles_heavy_formula,
 )
-from graphormer_ext.featurize.graph import graph_to_stored
-from graphormer_ext.featurize.ogb_features import FEATURIZER_VERSION, mol_to_graph
+from graphormer_ext.featurize.graph import stored_from_bonds
+from graphormer_ext.featurize.ogb_features import (
+    FEATURIZER_VERSION,
+    atom_features,
+    bond_features,
+)
 from graphormer_ext.sources.base import (
     ARRAYS_KIND,
     KINDS,
@@ -79,10 +83,11 @@ def featurize_stored(
     """Featurize one raw molecule into its stored LMDB record (picklable for pools).
 
     Steps: parse by ``rec.kind``; check the heavy-atom formula against
-    ``rec.check_smiles`` if set; reject empty and oversized molecules; OGB features
-    (:func:`mol_to_graph`); positions if ``rec.use_3d``; then
-    :func:`graphormer_ext.featurize.graph.graph_to_stored`. Single atoms and disconnected
-    fragments are kept. No shortest path is computed here: the reader derives them.
+    ``rec.check_smiles`` if set; reject empty and oversized molecules; OGB atom and bond
+    features (those of :func:`~graphormer_ext.featurize.ogb_features.mol_to_graph`, one
+    row per bond); positions if ``rec.use_3d``; then
+    :func:`graphormer_ext.featurize.graph.stored_from_bonds`. Single atoms and
+    disconnected fragments are kept. No shortest path is computed here: the reader derives them.
 
     Args:
         rec: the raw record.
@@ -126,7 +131,8 @@ def featurize_stored(
             f"{n} atoms is more than the maximum N = {max_atoms}; raise --max-atoms or "
             "accept the skip (the molecule is listed and not written)",
         )
-    graph = mol_to_graph(mol, rec.item)
+    node_feat = atom_features(mol)
+    pairs, bond_feat = bond_features(mol, rec.item)
     pos = None
     if rec.use_3d:
         if rec.kind == "smiles":
@@ -138,10 +144,11 @@ def featurize_stored(
     # NaN is the hidden-label convention (keys.py); inf would be read as missing too
     if np.isinf(y).any():
         raise MoleculeError(rec.item, f"infinite label {y.tolist()}")
-    out = graph_to_stored(
-        graph["node_feat"],
-        graph["edge_index"],
-        graph["edge_attr"],
+    # one row per RDKit bond: the same graph as mol_to_graph's directed OGB edge list
+    out = stored_from_bonds(
+        node_feat,
+        pairs,
+        bond_feat,
         pos=pos,
         y=y,
         max_hops=max_hops,
