@@ -379,14 +379,21 @@ class GraphDataset(EpochDataset):
         required_batch_size_multiple: int = 1,
     ) -> list[np.ndarray]:
         """Group ``indices`` (in order) into batches, each within the collator's byte
-        budget as well; see :func:`batch_by_size`."""
+        budget as well; see :func:`batch_by_size`. With size buckets, a batch never spans
+        two buckets (the tail's few large molecules would pad a whole batch)."""
         indices = np.asarray(indices, dtype=np.int64)
-        return batch_by_size(
-            indices,
-            self.num_tokens_vec(indices),
+        kwargs = dict(
             max_tokens=max_tokens,
             max_sentences=max_sentences,
             required_batch_size_multiple=required_batch_size_multiple,
             max_bytes=self._max_bytes,
             batch_nbytes=self._batch_nbytes,
         )
+        if not (self.shuffle and self.size_buckets and not self.sort_by_size):
+            return batch_by_size(indices, self.num_tokens_vec(indices), **kwargs)
+        buckets = size_bucket(self._sizes[indices])
+        cuts = np.flatnonzero(np.diff(buckets)) + 1
+        batches: list[np.ndarray] = []
+        for run in np.split(indices, cuts):
+            batches += batch_by_size(run, self.num_tokens_vec(run), **kwargs)
+        return batches

@@ -552,6 +552,9 @@ def write_split(
         remove_hs=remove_hs,
     )
 
+    if featurize is None and workers > 1:
+        # import RDKit here, once: forked workers inherit it instead of each importing it
+        featurize = _default_featurize()
     writer = _SplitWriter(path, split, map_size, commit_every, overwrite)
     results = _ordered_results(records, featurize, fkwargs, workers, chunksize)
     bar = None

@@ -324,3 +324,18 @@ def test_byte_budget_splits_batches_and_counts_what_cannot_fit(caplog):
     kept = small.ordered_indices()
     assert len(kept) == len(sizes) - 1 and 300 not in kept  # 122 atoms alone do not fit
     assert "leaving out 1 of 302 molecules larger than a batch" in caplog.text
+
+
+def test_bucketed_batches_stay_in_their_bucket():
+    from graphormer_ext.data.base import size_bucket
+
+    rng = np.random.default_rng(2)
+    sizes = np.r_[rng.integers(8, 30, size=400), [122, 90, 70, 60, 55, 50]]
+    ds = GraphDataset(_stored_sized(sizes), Collator(), shuffle=True, seed=3)
+    order = ds.ordered_indices()
+    batches = ds.batch_by_size(order, max_sentences=64)
+    assert np.array_equal(np.concatenate(batches), order)
+    for b in batches:
+        assert len(set(size_bucket(sizes[b]).tolist())) == 1
+    big = next(b for b in batches if 400 in b)  # the batch of the 122-atom molecule
+    assert sizes[big].min() > 100
