@@ -20,8 +20,9 @@ wall-clock figures are printed beside them.
    measured on a PCQM4Mv2-layout copy of the NCI molecules (<= 51 heavy atoms like
    PCQM4Mv2; NCI's mean size is above PCQM4Mv2's 14.1, so the projection is conservative).
 
-    python scripts/bench/bench_data.py            # ~3-5 minutes on 2 cores
-    python scripts/bench/bench_data.py --quick    # fewer molecules and passes (a smoke run)
+    python scripts/bench/bench_data.py            # ~2-3 minutes on 2 cores
+    python scripts/bench/bench_data.py --quick    # 600 molecules, one pass
+    python scripts/bench/bench_data.py --limit 40 --qm9 0 --passes 1   # smoke test
 """
 from __future__ import annotations
 
@@ -479,19 +480,24 @@ def projection(smiles: list[str], tmp: Path, bytes_2d: float) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="keep the files here")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 600 molecules")
+    parser.add_argument("--quick", action="store_true",
+                        help="600 NCI and 300 QM9 molecules, one loader pass")
+    parser.add_argument("--limit", type=int, default=None, help="first N NCI SMILES only")
+    parser.add_argument("--qm9", type=int, default=2000,
+                        help="QM9 molecules for the size figure (0: skip QM9)")
     parser.add_argument("--passes", type=int, default=3, help="loader passes per set")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
     torch.set_num_threads(1)
-    from graphormer_ext.data.lmdb_dataset import LMDBDataset
     from graphormer_ext.sources.qm9 import QM9PackSource
 
     smiles = nci_smiles()
     if args.quick:
-        smiles, args.passes = smiles[:600], 1
+        args.limit, args.qm9, args.passes = 600, 300, 1
+    if args.limit is not None:
+        smiles = smiles[: args.limit]
     load = os.getloadavg()[0]
     say(f"bench_data: {len(smiles)} NCI SMILES, {os.cpu_count()} cores, load average "
         f"{load:.1f}; CPU-time rates (wall in brackets)")
@@ -505,14 +511,15 @@ def main(argv=None) -> int:
         for name, cap in (("nci<=30", 30), ("nci<=50", 50), ("nci", 128)):
             paths[name] = tmp / f"{name.replace('<=', '_le')}.lmdb"
             build_split(paths[name], recs, cap)
-        qm9_src = QM9PackSource()
-        qm9_items = []
-        for item in qm9_src.iter_split("train"):
-            qm9_items.append(item)
-            if len(qm9_items) >= (300 if args.quick else 2000):
-                break
-        paths["qm9"] = tmp / "qm9.lmdb"
-        build_split(paths["qm9"], qm9_items, None, remove_hs=qm9_src.remove_hs)
+        if args.qm9 > 0:
+            qm9_src = QM9PackSource()
+            qm9_items = []
+            for item in qm9_src.iter_split("train"):
+                qm9_items.append(item)
+                if len(qm9_items) >= args.qm9:
+                    break
+            paths["qm9"] = tmp / "qm9.lmdb"
+            build_split(paths["qm9"], qm9_items, None, remove_hs=qm9_src.remove_hs)
         sizes = {name: sizes_report(name, p, tmp) for name, p in paths.items()}
 
         say("\n2. build rate, SMILES -> stored record, against bare ogb.utils.smiles2graph")
@@ -545,9 +552,10 @@ def main(argv=None) -> int:
 
         s = {k: v for k, v in sizes.items()}
         say("\nsummary (README table)")
+        qm9 = (f", QM9 with H + 3D {s['qm9']['disk_B']:.0f} (schema 1 "
+               f"{s['qm9']['schema1_disk_B']:,.0f})" if "qm9" in s else "")
         say(f"  bytes/molecule on disk: NCI {s['nci']['disk_B']:.0f} (schema 1 "
-            f"{s['nci']['schema1_disk_B']:,.0f}), QM9 with H + 3D {s['qm9']['disk_B']:.0f} "
-            f"(schema 1 {s['qm9']['schema1_disk_B']:,.0f}); goal <= {TARGETS['bytes']}")
+            f"{s['nci']['schema1_disk_B']:,.0f}){qm9}; goal <= {TARGETS['bytes']}")
         say(f"  build: {build['ratio']:.2f} of smiles2graph in one process; CLI "
             f"{cli['w1_ratio']:.2f} per worker (1 worker), {cli['w2_ratio']:.2f} (2 workers), "
             f"fixed {cli['fixed_wall_s']:.2f} s")
@@ -557,7 +565,6 @@ def main(argv=None) -> int:
             f"{loads['nci<=30']['crc_us']:.2f} us/mol")
         say(f"  PCQM4Mv2 on {NODE_CORES} cores: {proj['wall_min']:.1f} min, "
             f"{proj['disk_GB']:.2f} GB")
-        LMDBDataset  # noqa: B018 - imported above to fail early without the package
     finally:
         from graphormer_ext.data.lmdb_dataset import close_envs
 

@@ -1,4 +1,5 @@
-"""Throughput of LMDBDataset + Collator in one process (one loader worker's cost).
+"""Throughput of LMDBDataset + Collator in one process (one loader worker's cost), random
+batches of any LMDB split; ``bench_data.py`` runs the full data-layer comparison.
 
 Builds an LMDB of real molecules from RDKit's shipped NCI ``first_5K.smi`` through the
 featurization pipeline (or takes ``--lmdb``), then reads and collates it in random
@@ -77,7 +78,8 @@ def bench(
     from graphormer_ext.data.lmdb_dataset import LMDBDataset
 
     ds = LMDBDataset(path)
-    coll = Collator(max_hops=5, pad_multiple=pad_multiple)
+    # random batches, no byte cap: what a batch costs without size bucketing
+    coll = Collator(max_hops=5, pad_multiple=pad_multiple, max_batch_bytes=None)
     n = len(ds)
     rng = np.random.default_rng(seed)
     print(
