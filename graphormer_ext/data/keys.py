@@ -36,7 +36,7 @@ padding ``(1, 513)``), exactly as ``collator_3d`` does.
 
 import numpy as _np
 
-# --- stored graph keys (LMDB schema 2) -------------------------------------------------------------
+# --- stored graph keys (LMDB schema 2) ---------------------------------------------------------
 NODE_FEAT = "node_feat"  # uint8 [N, 9] raw OGB atom features (uint16 if a value exceeds 255)
 BOND_INDEX = "bond_index"  # uint8 [M, 2] atoms of each bond, one row per bond (uint16 if N > 256)
 BOND_FEAT = "bond_feat"  # uint8 [M, 3] raw OGB features of each bond
@@ -72,7 +72,7 @@ Y = "y"  # float32 [T]
 MODEL_KEYS = (X, DEGREE, SPATIAL_POS, ATTN_EDGE_TYPE, EDGE_INPUT)  # of every model record
 OPTIONAL_KEYS = (POS, Y)
 
-# --- batch keys (collated, in addition to the model keys) ------------------------------------------
+# --- batch keys (collated, in addition to the model keys) --------------------------------------
 OUT_DEGREE = "out_degree"  # int32 [B, N], same values as in_degree
 ATTN_BIAS = "attn_bias"  # float32 [B, N+1, N+1], 0 real keys / -inf padded keys
 NODE_TYPE_EDGE = "node_type_edge"  # int32 [B, N, N, 2]
@@ -100,8 +100,9 @@ MAX_DEGREE = NUM_DEGREE_VOCAB - 1 - DEGREE_SHIFT  # larger degrees cannot be emb
 PAD = 0  # pad value of every integer key
 
 # --- LMDB ----------------------------------------------------------------------------------------
-# 2: stored graphs (paths derived at load time), compact binary record header, crc32 per record and
-# on the meta record, zero-padded record keys. 1: per-record model arrays, JSON headers, no checksum.
+# 2: stored graphs (paths derived at load time), compact binary record header, crc32 per record
+# and on the meta record, zero-padded record keys. 1: per-record model arrays, JSON headers, no
+# checksum.
 SCHEMA_VERSION = 2
 META_KEY = b"__meta__"
 PATH_CONVENTIONS = ("fixed", "legacy")  # "legacy" = released Transformer-M "atom 0" paths
