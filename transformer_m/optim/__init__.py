@@ -1,0 +1,4 @@
+"""Registered fairseq optimizers."""
+from .fused_adam import FusedAdam, FusedAdamConfig
+
+__all__ = ["FusedAdam", "FusedAdamConfig"]
