@@ -67,6 +67,11 @@ class GraphPredictionCriterion(FairseqCriterion):
     Reads ``sample["net_input"]["batched_data"]`` (collated batch, see ``graphormer_ext.data.keys``)
     and ``sample["target"]`` ``[B]``. Molecules with a NaN target (hidden test labels) are left out
     of the loss and of ``sample_size``. The logged ``loss`` is the MAE in eV over labelled molecules.
+
+    In training nothing is read back from the device: ``sample_size`` comes from the host-side
+    count ``sample["nlabelled"]`` of the task's collater, unlabelled molecules are masked rather
+    than selected, and the logged values stay tensors (fairseq averages them lazily and reads them
+    only when it prints a log line).
     """
 
     def __init__(self, task, noise_scale: float = 0.01, denoise_weight: float = 1.0):
@@ -82,9 +87,14 @@ class GraphPredictionCriterion(FairseqCriterion):
         logits, atom_output, _ = model(batch)
         pred = logits[:, 0, :].float()  # [B, C] graph token
         target = sample["target"].float().view(pred.shape[0], -1)  # [B, C]
-        labelled = torch.isfinite(target).all(-1)  # [B]
-        n_labelled = int(labelled.sum())
-        l1 = (pred[labelled] - target[labelled]).abs().sum()
+        labelled = torch.isfinite(target).all(-1, keepdim=True)  # [B, 1]
+        # Unlabelled rows get target = prediction: |0| adds nothing and, unlike a NaN
+        # masked afterwards, back-propagates a zero gradient.
+        target = torch.where(labelled, target, pred.detach())
+        l1 = (pred - target).abs().sum()
+        n_labelled = sample.get("nlabelled")
+        if n_labelled is None:  # a batch not made by the task's collater
+            n_labelled = int(labelled.sum())
 
         denoise = pred.new_zeros(())
         if noise is not None and atom_output is not None and self.denoise_weight > 0:
@@ -92,9 +102,8 @@ class GraphPredictionCriterion(FairseqCriterion):
         loss = l1 + self.denoise_weight * denoise
 
         logging_output = {
-            "loss": l1.detach(),
-            "denoise_loss": denoise.detach(),
-            "total_loss": loss.detach(),
+            "loss": _loggable(l1, model.training),
+            "denoise_loss": _loggable(denoise, model.training),
             "sample_size": n_labelled,
             "nsentences": pred.shape[0],
             "ntokens": pred.shape[0],
@@ -105,12 +114,21 @@ class GraphPredictionCriterion(FairseqCriterion):
     def reduce_metrics(logging_outputs) -> None:
         sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
         nsent = sum(log.get("nsentences", 0) for log in logging_outputs)
-        l1 = sum(float(log.get("loss", 0)) for log in logging_outputs)
-        dn = sum(float(log.get("denoise_loss", 0)) for log in logging_outputs)
-        metrics.log_scalar("loss", l1 / max(sample_size, 1), sample_size, round=5)
-        metrics.log_scalar("mae_ev", l1 / max(sample_size, 1), sample_size, round=5)
-        metrics.log_scalar("denoise_loss", dn / max(nsent, 1), nsent, round=4)
+        l1 = sum(log.get("loss", 0) for log in logging_outputs)
+        dn = sum(log.get("denoise_loss", 0) for log in logging_outputs)
+        # Tensors (training) are logged unrounded: rounding would read them back to the host
+        # every update; fairseq converts them when it prints.
+        digits = None if torch.is_tensor(l1) else 5
+        metrics.log_scalar("loss", l1 / max(sample_size, 1), sample_size, round=digits)
+        metrics.log_scalar("mae_ev", l1 / max(sample_size, 1), sample_size, round=digits)
+        digits = None if torch.is_tensor(dn) else 4
+        metrics.log_scalar("denoise_loss", dn / max(nsent, 1), nsent, round=digits)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
+
+
+def _loggable(value: torch.Tensor, training: bool):
+    """A logged value: the detached tensor in training (no host read), a float otherwise."""
+    return value.detach() if training else float(value)

@@ -1,5 +1,6 @@
 """Plain ``nn.Module`` blocks of Transformer-M (no fairseq, no config objects)."""
 from .droppath import DropPath
+from .host_plan import PairIndex, add_host_plan, host_plan
 from .heads import ClassificationHead
 from .multihead_attention import MultiheadAttention, TokenPacking
 from .transformer_m_encoder import MERGED_3D_FEATURE_SCALE, MoleculeEncoder
@@ -12,7 +13,6 @@ from .transformer_m_layers import (
     MoleculeAttnBias,
     NonLinear,
     gaussian_basis,
-    real_pair_index,
 )
 from .transformer_m_net import (
     FINETUNE_DROP_PATTERNS,
@@ -54,17 +54,19 @@ __all__ = [
     "MoleculeEncoder",
     "MultiheadAttention",
     "NonLinear",
+    "PairIndex",
     "TokenPacking",
     "TransformerMEncoder",
     "TransformerMEncoderLayer",
     "TransformerMNet",
+    "add_host_plan",
     "draw_mode_choice",
     "gaussian_basis",
     "get_activation_fn",
+    "host_plan",
     "init_feature_params",
     "init_transformer_m_params",
     "mode_masks",
     "parse_mode_prob",
-    "real_pair_index",
     "upgrade_state_dict_for_finetuning",
 ]

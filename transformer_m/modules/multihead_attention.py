@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .utils import check_implementation
+from .utils import check_implementation, dropout
 
 
 class TokenPacking(NamedTuple):
@@ -16,6 +16,8 @@ class TokenPacking(NamedTuple):
         batch_index: int64 [M], ``b`` of each real token.
         token_index: int64 [M], ``t`` of each real token.
         gather_index: int64 [B * T], packed row of each grid position (M = padding).
+        spread_index: int64 [B * T], like ``gather_index`` but padding points at a real
+            row (the last one): for attention inputs, where padded positions are masked.
         batch_size: B.
         num_tokens: T.
     """
@@ -24,12 +26,18 @@ class TokenPacking(NamedTuple):
     batch_index: torch.Tensor
     token_index: torch.Tensor
     gather_index: torch.Tensor
+    spread_index: torch.Tensor
     batch_size: int
     num_tokens: int
 
     @classmethod
     def from_padding_mask(cls, padding_mask: torch.Tensor) -> "TokenPacking":
-        """Packing of the tokens where ``padding_mask`` ([B, T] bool) is False."""
+        """Packing of the tokens where ``padding_mask`` ([B, T] bool) is False.
+
+        Computed on ``padding_mask``'s device with ``nonzero`` (a host synchronisation on
+        a GPU); the training data path precomputes it on the host instead
+        (:func:`transformer_m.modules.host_plan.host_plan`, :meth:`from_plan`).
+        """
         batch_size, num_tokens = padding_mask.shape
         device = padding_mask.device
         flat_index = (~padding_mask).reshape(-1).nonzero().squeeze(-1)  # [M]
@@ -43,6 +51,23 @@ class TokenPacking(NamedTuple):
             batch_index=torch.div(flat_index, num_tokens, rounding_mode="floor"),
             token_index=flat_index % num_tokens,
             gather_index=gather_index,
+            spread_index=gather_index.clamp(max=num_real - 1),
+            batch_size=batch_size,
+            num_tokens=num_tokens,
+        )
+
+    @classmethod
+    def from_plan(cls, plan: dict, batch_size: int, num_tokens: int) -> "TokenPacking":
+        """The packing stored in a batch by :func:`~transformer_m.modules.host_plan.host_plan`
+        (index tensors computed on the host; no device work, no synchronisation)."""
+        from .host_plan import PLAN_BATCH, PLAN_GATHER, PLAN_SPREAD, PLAN_TOKEN, PLAN_TOKENS
+
+        return cls(
+            flat_index=plan[PLAN_TOKENS],
+            batch_index=plan[PLAN_BATCH],
+            token_index=plan[PLAN_TOKEN],
+            gather_index=plan[PLAN_GATHER],
+            spread_index=plan[PLAN_SPREAD],
             batch_size=batch_size,
             num_tokens=num_tokens,
         )
@@ -60,6 +85,16 @@ class TokenPacking(NamedTuple):
         """
         padded = torch.cat([x, x.new_zeros((1,) + x.shape[1:])], dim=0)  # [M+1, ...]
         out = padded.index_select(0, self.gather_index)  # [B*T, ...]
+        return out.view((self.batch_size, self.num_tokens) + x.shape[1:])
+
+    def spread(self, x: torch.Tensor) -> torch.Tensor:
+        """[M, ...] -> [B, T, ...] where padded positions hold a copy of some real row.
+
+        One gather and no zero row: for attention inputs only, where padded keys carry
+        ``-inf`` bias (weight exactly 0, and the copied row is finite) and padded
+        queries are dropped again by :meth:`pack`; their gradients are exactly 0.
+        """
+        out = x.index_select(0, self.spread_index)  # [B*T, ...]
         return out.view((self.batch_size, self.num_tokens) + x.shape[1:])
 
 
@@ -152,18 +187,36 @@ class MultiheadAttention(nn.Module):
         attn = attn.transpose(0, 1).contiguous().view(tgt_len, bsz, embed_dim)
         return self.out_proj(attn)
 
-    def _sdpa(self, q, k, v, attn_bias):
-        # q, k, v: [B, H, T, hd]; q is already scaled, so SDPA's own scale is 1.
-        if attn_bias is not None:
+    def _sdpa(self, q, k, v, attn_bias, scale: float = 1.0):
+        # q, k, v: [B, H, T, hd]; scale 1: q is already scaled
+        if attn_bias is not None and attn_bias.dtype != q.dtype:
             attn_bias = attn_bias.to(q.dtype)
+        p = self.attention_dropout if self.training else 0.0
+        if p > 0.0 and q.device.type == "cpu" and attn_bias is not None:
+            return self._attention_cpu(q, k, v, attn_bias, scale, p)
         return F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_bias,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            scale=1.0,
+            q, k, v, attn_mask=attn_bias, dropout_p=p, scale=scale
         )
+
+    @staticmethod
+    def _attention_cpu(q, k, v, attn_bias, scale: float, p: float):
+        """Softmax attention with dropout in four operators, for the CPU.
+
+        There SDPA has no fused kernel with dropout and falls back to a decomposition of
+        about fifteen operators. Same maths (float32 softmax, as the release).
+        """
+        bsz, heads, tgt_len, head_dim = q.shape
+        rows = bsz * heads
+        logits = torch.baddbmm(
+            attn_bias.reshape(rows, tgt_len, tgt_len),
+            q.reshape(rows, tgt_len, head_dim),
+            k.reshape(rows, tgt_len, head_dim).transpose(1, 2),
+            alpha=scale,
+        )  # [B*H, T, T]
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)
+        probs = dropout(probs, p, True)
+        out = torch.bmm(probs, v.reshape(rows, tgt_len, head_dim))
+        return out.view(bsz, heads, tgt_len, head_dim)
 
     def _forward_sdpa(self, query, attn_bias, key_padding_mask):
         tgt_len, bsz, embed_dim = query.shape
@@ -197,9 +250,10 @@ class MultiheadAttention(nn.Module):
         projections = (self.q_proj, self.k_proj, self.v_proj)
         weight = torch.cat([p.weight for p in projections], dim=0)  # [3D, D]
         bias = torch.cat([p.bias for p in projections], dim=0)  # [3D]
-        qkv = packing.unpack(F.linear(x, weight, bias))  # [B, T, 3D]
+        qkv = packing.spread(F.linear(x, weight, bias))  # [B, T, 3D]
         qkv = qkv.view(bsz, tgt_len, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, hd] each
-        attn = self._sdpa(q * self.scaling, k, v, attn_bias)  # [B, H, T, hd]
+        # the release scales q before q k^T; SDPA's scale does the same multiplication
+        attn = self._sdpa(q, k, v, attn_bias, scale=self.scaling)  # [B, H, T, hd]
         attn = packing.pack(attn.transpose(1, 2)).reshape(-1, self.embed_dim)  # [M, D]
         return self.out_proj(attn)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from graphormer_ext.data import keys
 
+from .host_plan import PLAN_ANY_POS, PLAN_PAIRS, PairIndex, plan_of
 from .multihead_attention import TokenPacking
 from .transformer_m_encoder_layer import TransformerMEncoderLayer
 from .transformer_m_layers import (
@@ -16,10 +17,12 @@ from .transformer_m_layers import (
     MoleculeAttnBias,
 )
 from .utils import (
+    DEFAULT_MODE_PROB,
     MODE_3D,
     ModeGenerator,
     check_implementation,
     draw_mode_choice,
+    dropout,
     mode_masks,
     parse_mode_prob,
 )
@@ -173,6 +176,48 @@ class MoleculeEncoder(nn.Module):
             )
             for layer in range(num_layers)
         )
+        # Tensors the forward pass needs on the device; as buffers they move with the
+        # module, so no host-to-device copy (which waits for the device) per update.
+        # Not persistent: the state dict keeps the released names only.
+        self.register_buffer(
+            "mode_prob_tensor",
+            torch.tensor(self.mode_prob or DEFAULT_MODE_PROB, dtype=torch.float32),
+            persistent=False,
+        )
+        keep = [1.0 - p for p in droppath_probs if p > 0.0]
+        self.register_buffer(
+            "droppath_keep", torch.tensor(keep, dtype=torch.float32), persistent=False
+        )
+
+    def droppath_scales(
+        self, packing: TokenPacking, dtype: torch.dtype
+    ) -> List[Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+        """DropPath factors of every layer's two residual branches, drawn at once.
+
+        One ``rand`` for all layers instead of two small draws per layer: per molecule
+        (or per token position with ``legacy_droppath``) ``floor(keep + U) / keep``, as
+        :class:`DropPath` draws it, then gathered to the packed tokens.
+
+        Returns:
+            Per layer: None (no DropPath, or eval mode), or the ``[M, 1]`` factors of the
+            attention and the FFN branch.
+        """
+        layers = [i for i, layer in enumerate(self.layers) if layer.droppath is not None]
+        if not self.training or not layers:
+            return [None] * len(self.layers)
+        legacy = self.layers[layers[0]].droppath.legacy_per_token
+        if legacy:
+            n, index = packing.num_tokens, packing.token_index
+        else:
+            n, index = packing.batch_size, packing.batch_index
+        keep = self.droppath_keep.float().view(-1, 1, 1)  # [A, 1, 1]
+        noise = torch.rand(len(layers), 2, n, device=keep.device)  # [A, 2, n]
+        scale = (keep + noise).floor_().div_(keep).to(dtype)  # 0 or 1 / keep
+        scale = scale.index_select(2, index).unsqueeze(-1)  # [A, 2, M, 1]
+        out: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * len(self.layers)
+        for a, layer in enumerate(layers):
+            out[layer] = (scale[a, 0], scale[a, 1])
+        return out
 
     def forward(
         self,
@@ -180,45 +225,62 @@ class MoleculeEncoder(nn.Module):
         mode_choice: Optional[torch.Tensor] = None,
         generator: Optional[ModeGenerator] = None,
         return_intermediates: bool = False,
+        return_all_hiddens: bool = True,
     ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor], Dict[str, object]]:
         """Encode a collated batch.
 
         Args:
-            batched_data: collated batch (keys of :mod:`graphormer_ext.data.keys`).
+            batched_data: collated batch (keys of :mod:`graphormer_ext.data.keys`), plus
+                optionally the host-side index plan of :mod:`.host_plan` (then the fast
+                path never synchronises with the device).
             mode_choice: int64 [B] training modes {0: 2D+3D, 1: 2D, 2: 3D}; drawn
                 with ``generator`` when None (unless ``mode_prob`` is None). Ignored
                 in eval mode (no masks there, as released).
             generator: randomness of the mode draw (numpy Generator or RandomState,
-                torch Generator, or None for torch's global generator).
+                torch Generator, or None for torch's global generator of the device).
             return_intermediates: also return the channel outputs.
+            return_all_hiddens: return the states after every layer; False: only the
+                last (the fast path then skips unpacking the others).
 
         Returns:
             ``inner_states``: L+1 tensors [T, B, D] (entry 0: the embeddings after
-            ``emb_layer_norm``); ``atom_output``: float32 [B, N, 3], or None when the
-            3D channel did not run; ``extra``: dict with ``padding_mask`` [B, T],
-            ``mode_choice`` (or None), in the fast path ``packing`` and
-            ``last_packed`` (final states of the real tokens, [M, D]), and
-            ``intermediates`` when requested.
+            ``emb_layer_norm``), or only the last one; ``atom_output``: float32
+            [B, N, 3], or None when the 3D channel did not run; ``extra``: dict with
+            ``padding_mask`` [B, T], ``mode_choice`` (or None), in the fast path
+            ``packing`` and ``last_packed`` (final states of the real tokens, [M, D]),
+            and ``intermediates`` when requested.
         """
         x_in = batched_data[keys.X]
-        n_mol = x_in.shape[0]
+        n_mol, n_atoms = x_in.shape[:2]
         pos = batched_data.get(keys.POS)
+        plan = plan_of(batched_data)
         padding_mask = torch.cat(
             [x_in.new_zeros(n_mol, 1, dtype=torch.bool), x_in[:, :, 0].eq(0)], dim=1
         )  # [B, T]
+        fast = self.implementation == "fast"
+        pairs = None
+        if fast and plan is not None:
+            pairs = PairIndex(plan[PLAN_PAIRS], n_atoms)
+        elif fast:
+            pairs = PairIndex.from_padding_mask(padding_mask[:, 1:])
 
         mask_2d = mask_3d = None
         training_masks = mode_choice is not None or self.mode_prob is not None
         if self.training and training_masks:
             if mode_choice is None:
-                mode_choice = draw_mode_choice(n_mol, self.mode_prob, generator)
+                mode_choice = draw_mode_choice(
+                    n_mol, self.mode_prob, generator, probs=self.mode_prob_tensor
+                )
             like = pos if pos is not None else self.atom_feature.graph_token.weight
             mask_2d, mask_3d = mode_masks(mode_choice, like)
         else:
             mode_choice = None
 
         x = self.atom_feature(batched_data, mask_2d=mask_2d)  # [B, T, D]
-        attn_bias_2d = self.molecule_attn_bias(batched_data, mask_2d=mask_2d)
+        bias_kwargs = {"pairs": pairs} if fast else {}
+        attn_bias_2d = self.molecule_attn_bias(
+            batched_data, mask_2d=mask_2d, **bias_kwargs
+        )
         attn_bias = attn_bias_2d  # [B, H, T, T]
         inter: Dict[str, Optional[torch.Tensor]] = {}
         if return_intermediates:
@@ -228,8 +290,13 @@ class MoleculeEncoder(nn.Module):
 
         delta_pos = None
         use_3d = self.molecule_3d_bias is not None and pos is not None
-        if use_3d and not bool((pos == 0).all()):
-            bias_3d, merged, delta_pos = self.molecule_3d_bias(batched_data)
+        if use_3d:
+            if plan is not None and PLAN_ANY_POS in plan:
+                use_3d = bool(plan[PLAN_ANY_POS])  # a host bool: no device read
+            else:
+                use_3d = not bool((pos == 0).all())
+        if use_3d:
+            bias_3d, merged, delta_pos = self.molecule_3d_bias(batched_data, **bias_kwargs)
             if return_intermediates:
                 inter.update(
                     bias_3d=bias_3d, merged_edge_features=merged, delta_pos=delta_pos
@@ -250,13 +317,13 @@ class MoleculeEncoder(nn.Module):
             x = self.emb_layer_norm(x)
         if return_intermediates:
             inter["emb_layer_norm_out"] = x
-        x = F.dropout(x, p=self.dropout, training=self.training)
+        x = dropout(x, self.dropout, self.training)
 
         extra: Dict[str, object] = {
             "padding_mask": padding_mask,
             "mode_choice": mode_choice,
         }
-        if self.implementation == "reference":
+        if not fast:
             layer_bias = attn_bias
             x = x.transpose(0, 1)  # [T, B, D]
             inner_states = [x]
@@ -264,17 +331,29 @@ class MoleculeEncoder(nn.Module):
                 x = layer(x, attn_bias=layer_bias, key_padding_mask=padding_mask)
                 inner_states.append(x)
         else:
-            # -inf on padded keys once, instead of a key_padding_mask in every layer.
+            # -inf on padded keys once, instead of a key_padding_mask in every layer;
+            # cast once to the attention dtype (autocast would cast in every layer).
             pad_keys = padding_mask[:, None, None, :]
             layer_bias = attn_bias.masked_fill(pad_keys, float("-inf"))
-            packing = TokenPacking.from_padding_mask(padding_mask)
+            if plan is not None:
+                packing = TokenPacking.from_plan(plan, n_mol, n_atoms + 1)
+            else:
+                packing = TokenPacking.from_padding_mask(padding_mask)
             xs = packing.pack(x)  # [M, D]
-            inner_states = [packing.unpack(xs).transpose(0, 1)]
-            for layer in self.layers:
-                xs = layer.forward_packed(xs, layer_bias, packing)
-                inner_states.append(packing.unpack(xs).transpose(0, 1))  # [T, B, D]
+            attn_dtype = _attention_dtype(xs)
+            bias_in = layer_bias.to(attn_dtype)
+            scales = self.droppath_scales(packing, xs.dtype)
+            inner_states = [packing.unpack(xs).transpose(0, 1)] if return_all_hiddens else []
+            for layer, layer_scales in zip(self.layers, scales):
+                xs = layer.forward_packed(xs, bias_in, packing, layer_scales)
+                if return_all_hiddens:
+                    inner_states.append(packing.unpack(xs).transpose(0, 1))  # [T, B, D]
+            if not return_all_hiddens:
+                inner_states.append(packing.unpack(xs).transpose(0, 1))
             x = inner_states[-1]
             extra.update(packing=packing, last_packed=xs)
+        if not return_all_hiddens:
+            inner_states = inner_states[-1:]
         if return_intermediates:
             inter["layer_attn_bias"] = layer_bias
 
@@ -292,3 +371,11 @@ class MoleculeEncoder(nn.Module):
             inter.update(mask_2d=mask_2d, mask_3d=mask_3d)
             extra["intermediates"] = inter
         return inner_states, atom_output, extra
+
+
+def _attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the attention runs in: autocast's for ``x``'s device, if on, else x's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype

@@ -1,5 +1,5 @@
 """One Transformer-M encoder layer (post-LN by default, optional sandwich LN)."""
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .droppath import DropPath
 from .multihead_attention import MultiheadAttention, TokenPacking
-from .utils import check_implementation, get_activation_fn
+from .utils import check_implementation, dropout, get_activation_fn
 
 
 class TransformerMEncoderLayer(nn.Module):
@@ -97,11 +97,30 @@ class TransformerMEncoderLayer(nn.Module):
                 batch_index=packing.batch_index,
                 token_index=packing.token_index,
             )
-        return F.dropout(x, p=self.dropout, training=self.training)
+        return dropout(x, self.dropout, self.training)
+
+    def _add_branch_packed(
+        self,
+        residual: torch.Tensor,
+        branch: torch.Tensor,
+        packing: TokenPacking,
+        scale: Optional[torch.Tensor],
+        sandwich_norm: Optional[nn.Module],
+    ) -> torch.Tensor:
+        """``residual + [LN](drop(branch))``; ``scale`` [M, 1] replaces the DropPath draw."""
+        if scale is None:
+            branch = self._residual_dropout_packed(branch, packing)
+        elif sandwich_norm is None:
+            return torch.addcmul(residual, branch, scale)
+        else:
+            branch = branch * scale
+        if sandwich_norm is not None:
+            branch = sandwich_norm(branch)
+        return residual + branch
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         x = self.activation_fn(self.fc1(x))
-        x = F.dropout(x, p=self.act_dropout, training=self.training)
+        x = dropout(x, self.act_dropout, self.training)
         return self.fc2(x)
 
     def forward(
@@ -133,31 +152,37 @@ class TransformerMEncoderLayer(nn.Module):
         return x
 
     def forward_packed(
-        self, x: torch.Tensor, attn_bias: torch.Tensor, packing: TokenPacking
+        self,
+        x: torch.Tensor,
+        attn_bias: torch.Tensor,
+        packing: TokenPacking,
+        droppath_scales: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
         """The same layer on packed real tokens ``x`` [M, D] -> [M, D].
 
         ``attn_bias`` [B, H, T, T] must already hold ``-inf`` on padded keys. Every
         operation but attention is per token, so padded tokens are not computed.
+        ``droppath_scales``: the DropPath factors ``keep / (1 - p)`` [M, 1] of the
+        attention and the FFN branch, drawn for all layers at once by the encoder
+        (:meth:`MoleculeEncoder.droppath_scales`); None draws them here.
         """
+        scale_attn, scale_ffn = droppath_scales if droppath_scales else (None, None)
         residual = x
         if self.sandwich_ln:
             x = self.self_attn_layer_norm(x)
         x = self.self_attn.forward_packed(x, attn_bias, packing)
-        x = self._residual_dropout_packed(x, packing)
-        if self.sandwich_ln:
-            x = self.self_attn_sandwich_layer_norm(x)
-        x = residual + x
+        x = self._add_branch_packed(
+            residual, x, packing, scale_attn, self.self_attn_sandwich_layer_norm
+        )
         if not self.sandwich_ln:
             x = self.self_attn_layer_norm(x)
 
         residual = x
         if self.sandwich_ln:
             x = self.final_layer_norm(x)
-        x = self._residual_dropout_packed(self._ffn(x), packing)
-        if self.sandwich_ln:
-            x = self.final_sandwich_layer_norm(x)
-        x = residual + x
+        x = self._add_branch_packed(
+            residual, self._ffn(x), packing, scale_ffn, self.final_sandwich_layer_norm
+        )
         if not self.sandwich_ln:
             x = self.final_layer_norm(x)
         return x

@@ -16,41 +16,13 @@ import torch.nn.functional as F
 
 from graphormer_ext.data import keys
 
+from .host_plan import PairIndex
 from .utils import check_implementation, init_feature_params
 
 # Constants of the released Gaussian basis (spec §1.7, golden quirk 5).
 GAUSSIAN_PI = 3.14159
 GAUSSIAN_STD_OFFSET = 0.01
 DELTA_POS_EPS = 1e-5
-
-PairIndex = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def real_pair_index(padding_mask: torch.Tensor) -> PairIndex:
-    """Indices ``(b, i, j)`` of all atom pairs where both atoms are real.
-
-    Args:
-        padding_mask: bool [B, N], True for padded atoms.
-
-    Returns:
-        Three int64 tensors [P], P = sum_b n_b**2, in row-major (b, i, j) order.
-    """
-    real = ~padding_mask
-    pairs = real.unsqueeze(2) & real.unsqueeze(1)  # [B, N, N]
-    b, i, j = pairs.nonzero(as_tuple=True)
-    return b, i, j
-
-
-def scatter_pairs(
-    values: torch.Tensor, index: PairIndex, batch_size: int, num_atoms: int
-) -> torch.Tensor:
-    """Scatter per-pair rows ``values`` [P, C] into a zero grid [B, N, N, C]."""
-    b, i, j = index
-    flat = (b * num_atoms + i) * num_atoms + j  # [P]
-    out = values.new_zeros(batch_size * num_atoms * num_atoms, values.shape[-1])
-    out = out.index_copy(0, flat, values)
-    return out.view(batch_size, num_atoms, num_atoms, values.shape[-1])
-
 
 class AtomFeature(nn.Module):
     """Atom tokens: summed atom-feature embeddings, degree embeddings, a graph token.
@@ -169,11 +141,16 @@ class MoleculeAttnBias(nn.Module):
         self.apply(lambda m: init_feature_params(m, num_layers))
 
     def forward(
-        self, batched_data: dict, mask_2d: Optional[torch.Tensor] = None
+        self,
+        batched_data: dict,
+        mask_2d: Optional[torch.Tensor] = None,
+        pairs: Optional[PairIndex] = None,
     ) -> torch.Tensor:
+        """The bias [B, H, N+1, N+1]; ``pairs`` (fast path): the real atom pairs, if
+        already known (computed from the padding otherwise)."""
         if self.implementation == "reference":
             return self._forward_reference(batched_data, mask_2d)
-        return self._forward_fast(batched_data, mask_2d)
+        return self._forward_fast(batched_data, mask_2d, pairs)
 
     # ----- reference: the released code's structure ----------------------------------
     def _forward_reference(self, batched_data, mask_2d):
@@ -232,43 +209,42 @@ class MoleculeAttnBias(nn.Module):
         hop_matrices = self.edge_dis_encoder.weight.reshape(-1, H, H)[:num_hops]
         return torch.matmul(weight.unsqueeze(0), hop_matrices).reshape(-1, H)
 
-    def _pair_edge_bias(self, batched_data: dict, index: PairIndex) -> torch.Tensor:
-        b, i, j = index
+    def _pair_edge_bias(self, batched_data: dict, pairs: PairIndex) -> torch.Tensor:
         if self.edge_type != "multi_hop":
-            edge_type = batched_data[keys.ATTN_EDGE_TYPE][b, i, j]  # [P, 3]
+            edge_type = pairs.gather(batched_data[keys.ATTN_EDGE_TYPE])  # [P, 3]
             return self.edge_encoder(edge_type).mean(-2)  # [P, H]
-        edge_input = batched_data[keys.EDGE_INPUT]  # [B, N, N, hops, 3]
-        spd = batched_data[keys.SPATIAL_POS][b, i, j]  # [P], SPD + 1
+        spd = pairs.gather(batched_data[keys.SPATIAL_POS])  # [P], SPD + 1
         # Divisor rule of the release: 0 (padding) -> 1, x > 1 -> x - 1, clamp to hops.
         divisor = torch.where(spd > 1, spd - 1, torch.ones_like(spd))
+        edge_input = pairs.gather(batched_data[keys.EDGE_INPUT])  # [P, hops, 3]
         if self.multi_hop_max_dist > 0:
-            edge_input = edge_input[:, :, :, : self.multi_hop_max_dist, :]
+            edge_input = edge_input[:, : self.multi_hop_max_dist, :]
             divisor = divisor.clamp(0, self.multi_hop_max_dist)
         num_hops, num_feat = edge_input.shape[-2:]
         vocab = self.edge_encoder.num_embeddings
         offset = torch.arange(num_hops, device=edge_input.device) * vocab
-        bags = edge_input[b, i, j] + offset.view(1, -1, 1)  # [P, hops, 3]
-        bags = bags.reshape(b.shape[0], num_hops * num_feat)
+        bags = edge_input + offset.view(1, -1, 1)  # [P, hops, 3]
+        bags = bags.reshape(bags.shape[0], num_hops * num_feat)
         table = self.folded_edge_table(num_hops)  # [hops*V, H]
         summed = F.embedding_bag(bags, table, mode="sum")  # [P, H]
         return summed / (divisor.to(summed.dtype) * num_feat).unsqueeze(-1)
 
-    def _forward_fast(self, batched_data, mask_2d):
+    def _forward_fast(self, batched_data, mask_2d, pairs=None):
         attn_bias = batched_data[keys.ATTN_BIAS]  # [B, T, T]
         x = batched_data[keys.X]
         n_graph, n_node = x.shape[:2]
         H = self.num_heads
         bias = attn_bias.new_zeros(n_graph, H, n_node + 1, n_node + 1)  # [B, H, T, T]
         if not self.no_2d:
-            index = real_pair_index(x[:, :, 0].eq(0))
-            b, i, j = index
-            spd = batched_data[keys.SPATIAL_POS][b, i, j]  # [P]
+            if pairs is None:
+                pairs = PairIndex.from_padding_mask(x[:, :, 0].eq(0))
+            spd = pairs.gather(batched_data[keys.SPATIAL_POS])  # [P]
             pair = self.spatial_pos_encoder(spd) + self._pair_edge_bias(
-                batched_data, index
+                batched_data, pairs
             )  # [P, H]
             if mask_2d is not None:
-                pair = pair * mask_2d[b].unsqueeze(-1)
-            grid = scatter_pairs(pair, index, n_graph, n_node)  # [B, N, N, H]
+                pair = pair * mask_2d.index_select(0, pairs.batch).unsqueeze(-1)
+            grid = pairs.scatter(pair, n_graph)  # [B, N, N, H]
             bias = F.pad(grid.permute(0, 3, 1, 2), (1, 0, 1, 0))  # [B, H, T, T]
         # Graph-token virtual distance t: all of row 0, and column 0 of rows 1..N.
         t = self.graph_token_virtual_distance.weight.view(H, 1, 1)
@@ -438,10 +414,12 @@ class Molecule3DBias(nn.Module):
         dist = delta_pos.norm(dim=-1)  # [B, N, N]
         return delta_pos / (dist.unsqueeze(-1) + DELTA_POS_EPS), dist
 
-    def forward(self, batched_data: dict):
+    def forward(self, batched_data: dict, pairs: Optional[PairIndex] = None):
+        """``(bias, merged, delta_pos)``; ``pairs`` (fast path) as in
+        :meth:`MoleculeAttnBias.forward`."""
         if self.implementation == "reference":
             return self._forward_reference(batched_data)
-        return self._forward_fast(batched_data)
+        return self._forward_fast(batched_data, pairs)
 
     def _forward_reference(self, batched_data):
         pos, x = batched_data[keys.POS], batched_data[keys.X]
@@ -455,20 +433,20 @@ class Molecule3DBias(nn.Module):
         merged = self._project(edge_feature.sum(dim=-2))  # [B, N, D]
         return bias, merged, delta_pos
 
-    def _forward_fast(self, batched_data):
+    def _forward_fast(self, batched_data, pairs=None):
         pos, x = batched_data[keys.POS], batched_data[keys.X]
         n_graph, n_node = x.shape[:2]
         padding_mask = x[:, :, 0].eq(0)  # [B, N]
         delta_pos, dist = self.unit_delta_pos(pos)
-        index = real_pair_index(padding_mask)
-        b, i, j = index
-        node_types = batched_data[keys.NODE_TYPE_EDGE][b, i, j].long()  # [P, 2]
-        psi = self.gbf(dist[b, i, j], node_types)  # [P, K]
-        grid = scatter_pairs(self.gbf_proj(psi), index, n_graph, n_node)  # [B,N,N,H]
+        if pairs is None:
+            pairs = PairIndex.from_padding_mask(padding_mask)
+        node_types = pairs.gather(batched_data[keys.NODE_TYPE_EDGE]).long()  # [P, 2]
+        psi = self.gbf(pairs.gather(dist), node_types)  # [P, K]
+        grid = pairs.scatter(self.gbf_proj(psi), n_graph)  # [B, N, N, H]
         bias = grid.permute(0, 3, 1, 2)  # [B, H, N, N]
         bias = bias.masked_fill(padding_mask[:, None, None, :], float("-inf"))
         summed = psi.new_zeros(n_graph * n_node, self.num_kernels)
-        summed = summed.index_add(0, b * n_node + i, psi)  # [B*N, K]
+        summed = summed.index_add(0, pairs.row, psi)  # [B*N, K]
         merged = self._project(summed.view(n_graph, n_node, -1))  # [B, N, D]
         return bias, merged, delta_pos
 

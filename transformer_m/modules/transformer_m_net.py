@@ -89,12 +89,14 @@ class TransformerMEncoder(nn.Module):
         mode_choice: Optional[torch.Tensor] = None,
         generator: Optional[ModeGenerator] = None,
         return_intermediates: bool = False,
+        return_all_hiddens: bool = True,
     ):
         inner_states, atom_output, extra = self.molecule_encoder(
             batched_data,
             mode_choice=mode_choice,
             generator=generator,
             return_intermediates=return_intermediates,
+            return_all_hiddens=return_all_hiddens,
         )
         packing = extra.pop("packing", None)
         last_packed = extra.pop("last_packed", None)
@@ -257,6 +259,7 @@ class TransformerMNet(nn.Module):
         mode_choice: Optional[torch.Tensor] = None,
         generator: Optional[ModeGenerator] = None,
         return_intermediates: bool = False,
+        return_all_hiddens: bool = True,
     ):
         """Run the model on a collated batch.
 
@@ -266,6 +269,8 @@ class TransformerMNet(nn.Module):
                 ignored in eval mode).
             generator: numpy Generator / RandomState or torch Generator for the draw.
             return_intermediates: add ``intermediates`` (channel outputs) to the dict.
+            return_all_hiddens: ``inner_states`` holds every layer's output (L+1
+                tensors); False: the last one only (less work in the fast path).
 
         Returns:
             ``(logits [B, T, C], atom_output [B, N, 3] or None,
@@ -276,6 +281,7 @@ class TransformerMNet(nn.Module):
             mode_choice=mode_choice,
             generator=generator,
             return_intermediates=return_intermediates,
+            return_all_hiddens=return_all_hiddens,
         )
 
     def upgrade_state_dict_named(

@@ -32,13 +32,28 @@ def check_implementation(implementation: str) -> str:
 
 
 def _gelu_fp32(x: torch.Tensor) -> torch.Tensor:
-    # fairseq `gelu`: exact erf GELU evaluated in float32.
+    # fairseq `gelu`: exact erf GELU evaluated in float32 (no casts needed in float32).
+    if x.dtype == torch.float32:
+        return F.gelu(x)
     return F.gelu(x.float()).type_as(x)
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     # fairseq `gelu_accurate` / `gelu_fast`: tanh approximation.
+    if x.dtype == torch.float32:
+        return F.gelu(x, approximate="tanh")
     return F.gelu(x.float(), approximate="tanh").type_as(x)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout`` as one operator on every device.
+
+    ``F.dropout`` uses the fused ``native_dropout`` on GPUs only; on the CPU it runs four
+    operators (mask, Bernoulli draw, scale, product). Same distribution, one kernel.
+    """
+    if not training or p <= 0.0:
+        return x
+    return torch.native_dropout(x, p, True)[0]
 
 
 def _linear(x: torch.Tensor) -> torch.Tensor:
@@ -109,6 +124,7 @@ def draw_mode_choice(
     num_molecules: int,
     mode_prob: Sequence[float],
     generator: Optional[ModeGenerator] = None,
+    probs: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Draw one training mode per molecule.
 
@@ -121,14 +137,20 @@ def draw_mode_choice(
         num_molecules: B.
         mode_prob: probabilities of {2D+3D, 2D, 3D}.
         generator: where the randomness comes from.
+        probs: ``mode_prob`` as a tensor on an accelerator, used when ``generator`` is
+            None: the draw then happens there (torch's generator of that device), with
+            no host-to-device copy (which would wait for the device).
 
     Returns:
-        int64 tensor [B] on the CPU with values in {0, 1, 2} (see ``MODE_*``).
+        int64 tensor [B] with values in {0, 1, 2} (see ``MODE_*``), on the CPU, or on
+        the device of ``probs``.
     """
     if isinstance(generator, (np.random.Generator, np.random.RandomState)):
         p = np.asarray(mode_prob, dtype=np.float64)
         choice = generator.choice(3, num_molecules, p=p)
         return torch.as_tensor(np.asarray(choice), dtype=torch.long)
+    if generator is None and probs is not None and probs.device.type != "cpu":
+        return torch.multinomial(probs.float(), num_molecules, replacement=True)
     probs = torch.tensor(mode_prob, dtype=torch.float64)
     return torch.multinomial(
         probs, num_molecules, replacement=True, generator=generator
@@ -145,11 +167,12 @@ def mode_masks(
         like: tensor whose dtype and device the masks take (the release uses ``pos``).
 
     Returns:
-        ``mask_2d`` [B] and ``mask_3d`` [B], 0/1 floats.
+        ``mask_2d`` [B] and ``mask_3d`` [B], 0/1 floats (the rows of ``MODE_MASKS``).
     """
-    table = torch.tensor(MODE_MASKS, dtype=like.dtype, device=like.device)  # [3, 2]
-    masks = table[mode_choice.to(like.device)]  # [B, 2]
-    return masks[:, 0], masks[:, 1]
+    mode_choice = mode_choice.to(like.device)
+    mask_2d = (mode_choice != MODE_3D).to(like.dtype)  # 2D off only in 3D-only mode
+    mask_3d = (mode_choice != MODE_2D).to(like.dtype)  # 3D off only in 2D-only mode
+    return mask_2d, mask_3d
 
 
 def init_transformer_m_params(module: nn.Module) -> None:

@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from fairseq.data import FairseqDataset
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
@@ -14,6 +15,7 @@ from graphormer_ext.data import keys
 from graphormer_ext.data.base import GraphDataset
 from graphormer_ext.data.collator import Collator
 from graphormer_ext.data.lmdb_dataset import LMDBDataset
+from transformer_m.modules.host_plan import add_host_plan
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +63,11 @@ class GraphPredictionConfig(FairseqDataclass):
 class GraphPredictionDataset(FairseqDataset):
     """fairseq adapter around :class:`graphormer_ext.data.base.GraphDataset`.
 
-    A sample is ``{"id", "nsamples", "net_input": {"batched_data": batch}, "target"}``.
+    A sample is ``{"id", "nsamples", "nlabelled", "net_input": {"batched_data": batch},
+    "target"}``. The collater (run in the data loader's workers) also computes what the
+    model and the loss would otherwise have to read back from the device: the index plan
+    of :mod:`transformer_m.modules.host_plan` (in ``batch``) and ``nlabelled``, the number
+    of molecules with a finite target.
     """
 
     def __init__(self, graphs: GraphDataset):
@@ -77,11 +83,14 @@ class GraphPredictionDataset(FairseqDataset):
         batch = self.graphs.collater(samples)
         if not batch:
             return {}
+        target = batch[keys.Y]
+        labelled = torch.isfinite(target.view(target.shape[0], -1)).all(-1)
         return {
             "id": batch[keys.IDX],
             "nsamples": int(batch[keys.IDX].numel()),
-            "net_input": {"batched_data": batch},
-            "target": batch[keys.Y],
+            "nlabelled": int(labelled.sum()),
+            "net_input": {"batched_data": add_host_plan(batch) if keys.X in batch else batch},
+            "target": target,
         }
 
     @property

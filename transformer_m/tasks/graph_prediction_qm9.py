@@ -196,6 +196,7 @@ class TargetColumnDataset(GraphPredictionDataset):
             )
         target = y[:, self.task_idx].contiguous()  # [B]
         out["target"] = target
+        out["nlabelled"] = int(torch.isfinite(target).sum())
         out["net_input"]["batched_data"][keys.Y] = target
         return out
 
