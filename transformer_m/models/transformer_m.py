@@ -4,13 +4,16 @@
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from fairseq import utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model, register_model_architecture
 from fairseq.utils import safe_getattr
 from omegaconf import II
 
+from graphormer_ext.data import keys
 from transformer_m.modules import TransformerMNet
+from transformer_m.modules.precision import autocast_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,12 @@ class TransformerMConfig(FairseqDataclass):
                   "computation (numerically equivalent, slower)"},
     )
     sandwich_ln: bool = field(default=False, metadata={"help": "Pre-LN plus sublayer LayerNorms"})
+    bf16_autocast: bool = field(
+        default=False,
+        metadata={"help": "run the model under torch.autocast(bfloat16) with float32 weights "
+                  "and optimizer (mixed precision for GPUs with bf16; fairseq's own --bf16 "
+                  "means TPU). Not with --fp16"},
+    )
     num_classes: int = II("task.num_classes")
     num_atoms: int = II("task.num_atoms")
     num_edges: int = II("task.num_edges")
@@ -86,10 +95,11 @@ class TransformerMModel(BaseFairseqModel):
     ``logits[:, 0]`` is the molecule prediction. State-dict keys equal the released checkpoints'.
     """
 
-    def __init__(self, net: TransformerMNet, max_nodes: int = 512):
+    def __init__(self, net: TransformerMNet, max_nodes: int = 512, bf16_autocast: bool = False):
         super().__init__()
         self.encoder = net.encoder  # keys "encoder.*", as in the released checkpoints
         self.max_nodes = max_nodes
+        self.bf16_autocast = bool(bf16_autocast)
 
     @classmethod
     def build_model(cls, cfg: TransformerMConfig, task):
@@ -126,12 +136,22 @@ class TransformerMModel(BaseFairseqModel):
             atom_head_dropout=cfg.atom_head_dropout,
             implementation=cfg.implementation,
         )
-        model = cls(net, max_nodes=cfg.max_nodes)
+        model = cls(net, max_nodes=cfg.max_nodes, bf16_autocast=cfg.bf16_autocast)
         logger.info("Transformer-M: %d parameters", sum(p.numel() for p in model.parameters()))
         return model
 
-    def forward(self, batched_data, **kwargs):
-        return self.encoder(batched_data, **kwargs)
+    def forward(self, batched_data, return_all_hiddens: bool = False, **kwargs):
+        """Run the model; ``inner_states`` holds only the last layer's output unless
+        ``return_all_hiddens`` (as fairseq's encoders do)."""
+        if self.bf16_autocast:
+            weight = self.encoder.lm_head_transform_weight.weight
+            if weight.dtype != torch.float32:
+                raise ValueError(
+                    f"--bf16-autocast needs float32 weights, got {weight.dtype}: it runs the "
+                    "model in bfloat16 itself; drop --fp16 / --bf16 / --memory-efficient-fp16"
+                )
+        with autocast_bf16(self.bf16_autocast, batched_data[keys.X].device):
+            return self.encoder(batched_data, return_all_hiddens=return_all_hiddens, **kwargs)
 
     def max_positions(self):
         return self.max_nodes
