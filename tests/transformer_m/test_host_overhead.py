@@ -281,3 +281,34 @@ def test_dropout_is_one_operator_with_the_right_statistics():
     assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.75)
     assert abs(float((y == 0).float().mean()) - 0.25) < 0.01
     assert dropout(x, 0.25, False) is x and dropout(x, 0.0, True) is x
+
+
+def test_geomformer_and_gsrd_metrics_stay_on_the_device():
+    """The GeoMFormer and 3D-GSRD criteria reduce training logs without reading them back;
+    in evaluation their logs are floats (rounded, as before)."""
+    from transformer_m.criterions.geomformer_md17 import (
+        GeoMFormerGraphCriterion,
+        GeoMFormerMD17Criterion,
+    )
+    from transformer_m.criterions.gsrd import GsrdPretrainCriterion
+    from transformer_m.criterions.lazy_metrics import loggable
+
+    t = torch.tensor
+    logs = {
+        GeoMFormerMD17Criterion: {"loss": t(3.0), "energy_abs": t(1.5), "force_abs": t(6.0),
+                                  "force_count": 12, "sample_size": 2, "nsentences": 2},
+        GeoMFormerGraphCriterion: {"loss": t(1.0), "mae": t(0.5), "sample_size": 2},
+        GsrdPretrainCriterion: {"loss": t(2.0), "mask_loss": t(1.0), "distill_loss": t(0.1),
+                                "denoise_loss": t(0.2), "vec_loss": t(0.0), "nsentences": 2,
+                                "sample_size": 1},
+    }  # fmt: skip
+    for criterion, log in logs.items():
+        guard = HostReadGuard()
+        with guard, metrics.aggregate(new_root=True) as agg:
+            criterion.reduce_metrics([log, log])
+            values = agg.get_smoothed_values()
+        assert guard.reads == [], criterion
+        assert torch.is_tensor(values["loss"]), criterion
+        with metrics.aggregate(new_root=True) as agg:
+            criterion.reduce_metrics([loggable(log, training=False)])
+            assert isinstance(agg.get_smoothed_values()["loss"], float), criterion

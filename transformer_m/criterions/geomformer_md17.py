@@ -9,6 +9,13 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 from graphormer_ext.data import keys
+from transformer_m.criterions.lazy_metrics import log_scalar, loggable, sum_logs
+
+
+def _num_atoms(sample, batch) -> int:
+    """Real atoms of the batch: the host count of the task's collater, else read back."""
+    n = sample.get("natoms")
+    return int(batch[keys.ATOM_MASK].sum().item()) if n is None else n
 
 
 def _err(diff: torch.Tensor, kind: str) -> torch.Tensor:
@@ -59,22 +66,22 @@ class GeoMFormerMD17Criterion(FairseqCriterion):
             per_struct = _err(f_diff, self.loss_type).sum((1, 2)) / (3 * mask.sum((1, 2)))
             loss = loss + self.force_weight * per_struct.sum()
             log["force_abs"] = (f_diff.abs().sum() * std).detach()
-            log["force_count"] = int(mask.sum().item()) * 3
+            log["force_count"] = 3 * _num_atoms(sample, batch)
         log["loss"] = loss.detach()
-        log["ntokens"] = int(batch[keys.ATOM_MASK].sum().item())
-        return loss, target.numel(), log
+        log["ntokens"] = _num_atoms(sample, batch)
+        return loss, target.numel(), loggable(log, model.training)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
         n = sum(log.get("sample_size", 0) for log in logging_outputs)
-        loss = sum(float(log.get("loss", 0)) for log in logging_outputs)
-        e_abs = sum(float(log.get("energy_abs", 0)) for log in logging_outputs)
-        f_abs = sum(float(log.get("force_abs", 0)) for log in logging_outputs)
+        loss = sum_logs(logging_outputs, "loss")
+        e_abs = sum_logs(logging_outputs, "energy_abs")
+        f_abs = sum_logs(logging_outputs, "force_abs")
         f_cnt = sum(log.get("force_count", 0) for log in logging_outputs)
-        metrics.log_scalar("loss", loss / max(n, 1), n, round=5)
-        metrics.log_scalar("energy_mae", e_abs / max(n, 1), n, round=5)
+        log_scalar("loss", loss / max(n, 1), n, round=5)
+        log_scalar("energy_mae", e_abs / max(n, 1), n, round=5)
         if f_cnt:
-            metrics.log_scalar("force_mae", f_abs / f_cnt, f_cnt, round=5)
+            log_scalar("force_mae", f_abs / f_cnt, f_cnt, round=5)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
@@ -104,15 +111,15 @@ class GeoMFormerGraphCriterion(FairseqCriterion):
         mae = ((pred[ok] * std + mean) - target[ok]).abs().sum().detach()
         log = {"loss": loss.detach(), "mae": mae, "sample_size": n,
                "nsentences": target.numel(), "ntokens": target.numel()}
-        return loss, max(n, 1), log
+        return loss, max(n, 1), loggable(log, model.training)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
         n = sum(log.get("sample_size", 0) for log in logging_outputs)
-        loss = sum(float(log.get("loss", 0)) for log in logging_outputs)
-        mae = sum(float(log.get("mae", 0)) for log in logging_outputs)
-        metrics.log_scalar("loss", loss / max(n, 1), n, round=5)
-        metrics.log_scalar("mae", mae / max(n, 1), n, round=5)
+        loss = sum_logs(logging_outputs, "loss")
+        mae = sum_logs(logging_outputs, "mae")
+        log_scalar("loss", loss / max(n, 1), n, round=5)
+        log_scalar("mae", mae / max(n, 1), n, round=5)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

@@ -4,16 +4,16 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 
+from transformer_m.criterions.lazy_metrics import log_scalar, loggable, sum_logs
 from transformer_m.modules.gsrd import vector_norm_regulariser
 from transformer_m.tasks.gsrd import NOISE, POS_LABEL
 
 
 def _sum_logs(logs, key):
-    return sum(float(log.get(key, 0)) for log in logs)
+    return sum_logs(logs, key)  # tensors stay on the device (lazy_metrics)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,15 +65,15 @@ class GsrdPretrainCriterion(FairseqCriterion):
         log = {"loss": loss.detach() * bsz, "sample_size": bsz, "nsentences": bsz, "ntokens": bsz}
         for k, v in terms.items():
             log[f"{k}_loss"] = v.detach() * bsz
-        return loss, 1, log  # sample_size 1: the loss is already a batch mean
+        return loss, 1, loggable(log, model.training)  # sample_size 1: a batch mean already
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
         n = max(_sum_logs(logging_outputs, "nsentences"), 1)
-        metrics.log_scalar("loss", _sum_logs(logging_outputs, "loss") / n, n, round=5)
+        log_scalar("loss", _sum_logs(logging_outputs, "loss") / n, n, round=5)
         for k in ("mask", "distill", "denoise", "vec"):
-            metrics.log_scalar(f"{k}_loss", _sum_logs(logging_outputs, f"{k}_loss") / n, n, round=5)
-        metrics.log_scalar("mask_mse", _sum_logs(logging_outputs, "mask_loss") / n, n, round=5)
+            log_scalar(f"{k}_loss", _sum_logs(logging_outputs, f"{k}_loss") / n, n, round=5)
+        log_scalar("mask_mse", _sum_logs(logging_outputs, "mask_loss") / n, n, round=5)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
@@ -148,15 +148,15 @@ class GsrdEnergyForceCriterion(FairseqCriterion):
             "force_abs": f_abs.sum().detach(), "force_count": f_abs.numel(),
             "sample_size": bsz, "nsentences": bsz, "ntokens": int(mask.sum()),
         }
-        return loss, 1, log
+        return loss, 1, loggable(log, model.training)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
         n = max(_sum_logs(logging_outputs, "nsentences"), 1)
         nf = max(_sum_logs(logging_outputs, "force_count"), 1)
-        metrics.log_scalar("loss", _sum_logs(logging_outputs, "loss") / n, n, round=5)
-        metrics.log_scalar("energy_mae", _sum_logs(logging_outputs, "energy_abs") / n, n, round=5)
-        metrics.log_scalar("force_mae", _sum_logs(logging_outputs, "force_abs") / nf, nf, round=5)
+        log_scalar("loss", _sum_logs(logging_outputs, "loss") / n, n, round=5)
+        log_scalar("energy_mae", _sum_logs(logging_outputs, "energy_abs") / n, n, round=5)
+        log_scalar("force_mae", _sum_logs(logging_outputs, "force_abs") / nf, nf, round=5)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
@@ -190,13 +190,13 @@ class GsrdQM9Criterion(FairseqCriterion):
         bsz = int(ok.sum())
         log = {"loss": loss.detach() * max(bsz, 1), "abs": (out["pred"] - y)[ok].abs().sum().detach(),
                "sample_size": bsz, "nsentences": int(y.numel()), "ntokens": int(y.numel())}
-        return loss, 1, log
+        return loss, 1, loggable(log, model.training)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
         n = max(_sum_logs(logging_outputs, "sample_size"), 1)
-        metrics.log_scalar("loss", _sum_logs(logging_outputs, "loss") / n, n, round=6)
-        metrics.log_scalar("mae", _sum_logs(logging_outputs, "abs") / n, n, round=6)
+        log_scalar("loss", _sum_logs(logging_outputs, "loss") / n, n, round=6)
+        log_scalar("mae", _sum_logs(logging_outputs, "abs") / n, n, round=6)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

@@ -64,7 +64,7 @@ class GraphPredictionDataset(FairseqDataset):
     """fairseq adapter around :class:`graphormer_ext.data.base.GraphDataset`.
 
     A sample is ``{"id", "nsamples", "nlabelled", "net_input": {"batched_data": batch},
-    "target"}``. The collater (run in the data loader's workers) also computes what the
+    "target"}`` (plus ``natoms`` for point-cloud batches). The collater (run in the data loader's workers) also computes what the
     model and the loss would otherwise have to read back from the device: the index plan
     of :mod:`transformer_m.modules.host_plan` (in ``batch``) and ``nlabelled``, the number
     of molecules with a finite target.
@@ -85,13 +85,16 @@ class GraphPredictionDataset(FairseqDataset):
             return {}
         target = batch[keys.Y]
         labelled = torch.isfinite(target.view(target.shape[0], -1)).all(-1)
-        return {
+        sample = {
             "id": batch[keys.IDX],
             "nsamples": int(batch[keys.IDX].numel()),
             "nlabelled": int(labelled.sum()),
             "net_input": {"batched_data": add_host_plan(batch) if keys.X in batch else batch},
             "target": target,
         }
+        if keys.ATOM_MASK in batch:  # point clouds (GeoMFormer): real atoms, counted here
+            sample["natoms"] = int(batch[keys.ATOM_MASK].sum())
+        return sample
 
     @property
     def sizes(self):
