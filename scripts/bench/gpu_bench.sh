@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The training benchmark on one GPU machine, set-up included: one command.
+#
+# Machine : the project's GPU machine (one H200, Python 3.12, torch 2.11 + CUDA, no network,
+#           no fairseq/lmdb installed; see the GPU README handed to sessions). The cp312 wheels
+#           of fairseq-fixed 0.12.3.1, lmdb, bitarray, hydra-core, omegaconf and antlr4 must
+#           sit in WHEELS (default: .gpu/ in the checkout, an ignored folder carried along).
+# Does    : installs the wheels into /tmp/site, builds the Cython extension, then runs
+#           scripts/bench/bench_train.py --preset h200 (Transformer-M L12 batch 256 with today's
+#           flags and the new ones, fast and reference paths, bf16 autocast, GeoMFormer and
+#           3D-GSRD; LMDB of 200,000 records in /dev/shm). Extra arguments go to bench_train.py.
+# Output  : OUT (default $OUT of the run tool, else ./runs/gpu_bench): bench_train.txt (the
+#           table), bench_train.json (all figures), logs/ (each fairseq-train's log).
+# Time    : about 4-5 minutes (set-up ~40 s, data ~30 s, benchmark ~3 min).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+WHEELS=${WHEELS:-$REPO/.gpu}
+SITE=${SITE:-/tmp/site}
+OUT=${OUT:-$REPO/runs/gpu_bench}
+SHM=${SHM:-/dev/shm}
+cd "$REPO"
+mkdir -p "$OUT/logs"
+
+shopt -s nullglob
+wheels=("$WHEELS"/*.whl)
+if ((${#wheels[@]})); then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+        "${wheels[@]}"
+fi
+export PYTHONPATH=$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+python3 setup.py build_ext --inplace -q
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c 'import torch, fairseq; print("torch", torch.__version__, "fairseq", fairseq.__version__)' \
+    | tee -a "$OUT/gpu.txt"
+
+status=0
+python3 scripts/bench/bench_train.py --preset h200 --lmdb-dir "$SHM/tm_bench_lmdb" \
+    --work-dir "$SHM/tm_bench_runs" --json "$OUT/bench_train.json" "$@" \
+    2>&1 | tee "$OUT/bench_train.txt" || status=$?
+cp "$SHM"/tm_bench_runs/*.log "$OUT/logs/" 2>/dev/null || true
+exit "$status"
