@@ -203,6 +203,8 @@ class _OpCounter:
         self.mode = Mode()
         self.phase = "rest"
         self.ops = {"model": 0, "rest": 0}
+        self.kernels = {"model": 0, "rest": 0}
+        self.names = {"model": {}, "rest": {}}
         self.syncs = {"model": {}, "rest": {}}
 
     def record(self, func, args, kwargs):
@@ -210,6 +212,10 @@ class _OpCounter:
 
         name = func.overloadpacket.__name__
         self.ops[self.phase] += 1
+        if not (func.is_view or name.startswith("_record_function")):
+            self.kernels[self.phase] += 1  # views (t, view, detach, ...) launch nothing
+        names = self.names[self.phase]
+        names[name] = names.get(name, 0) + 1
         sync = None
         if name in self.SYNC_OPS:
             sync = name
@@ -330,7 +336,10 @@ def _child(args) -> None:
             for attr, fn in saved.items():
                 setattr(torch.Tensor, attr, fn)
             del task.train_step
-        send({"event": "count", "ops": counter.ops, "syncs": counter.syncs})
+        top = {phase: dict(sorted(n.items(), key=lambda kv: -kv[1])[:25])
+               for phase, n in counter.names.items()}  # fmt: skip
+        send({"event": "count", "ops": counter.ops, "kernels": counter.kernels,
+              "syncs": counter.syncs, "top_ops": top})  # fmt: skip
         return out
 
     Trainer.train_step = train_step
@@ -646,8 +655,11 @@ def report(children, args, data, cuda) -> dict:
         )  # fmt: skip
         if res["count"]:
             ops, syncs = res["count"]["ops"], res["count"]["syncs"]
+            kern = res["count"]["kernels"]
             row.update(ops_model=ops["model"], ops_rest=ops["rest"],
-                       syncs_model=syncs["model"], syncs_rest=syncs["rest"])  # fmt: skip
+                       kernels_model=kern["model"], kernels_rest=kern["rest"],
+                       syncs_model=syncs["model"], syncs_rest=syncs["rest"],
+                       top_ops=res["count"].get("top_ops"))  # fmt: skip
         rows.append(row)
 
     def fmt(v, spec):
@@ -659,7 +671,7 @@ def report(children, args, data, cuda) -> dict:
     head = (f"{'config':<17} {'batch':>5} {'N':>4} {'upd/s':>8} {'mol/s':>9} {'ms/upd':>8} "
             f"{'ceil upd/s':>10} "
             f"{'e2e/ceil':>8} {'GPU %':>6} {'ops model':>9} {'ops rest':>9} "
-            f"{'syncs model':>11} {'syncs rest':>10}")  # fmt: skip
+            f"{'non-view':>9} {'syncs model':>11} {'syncs rest':>10}")  # fmt: skip
     print(head)
     print("-" * len(head))
     for row in rows:
@@ -669,13 +681,14 @@ def report(children, args, data, cuda) -> dict:
             continue
         sm = sum(row.get("syncs_model", {}).values()) if "syncs_model" in row else None
         sr = sum(row.get("syncs_rest", {}).values()) if "syncs_rest" in row else None
+        nonview = (row["kernels_model"] + row["kernels_rest"]) if "kernels_model" in row else None
         print(f"{row['config']:<17} {fmt(row['batch'], '5.0f')} {fmt(row['padded_atoms'], '4.0f')} "
               f"{fmt(row['updates_per_s'], '8.2f')} "
               f"{fmt(row['molecules_per_s'], '9.0f')} {fmt(row['ms_per_update'], '8.2f')} "
               f"{fmt(row['ceiling_updates_per_s'], '10.2f')} "
               f"{fmt(row['e2e_over_ceiling'], '8.2f')} {fmt(row['gpu_util'], '6.0f')} "
               f"{fmt(row.get('ops_model'), '9d')} {fmt(row.get('ops_rest'), '9d')} "
-              f"{fmt(sm, '11d')} {fmt(sr, '10d')}")  # fmt: skip
+              f"{fmt(nonview, '9d')} {fmt(sm, '11d')} {fmt(sr, '10d')}")  # fmt: skip
     by_name = {r["config"]: r for r in rows if not r["error"]}
     ratios = {}
     for a, b in (("fast", "ref"), ("fast-legacy", "ref-legacy"), ("fast-bf16", "ref-bf16"),

@@ -122,3 +122,14 @@ def test_flat_fp32_master_weights_under_fp16_optimizer_cuda():
         pytest.skip("needs a CUDA device")
     inner = _fp16_run(flatten=True, device="cuda")
     assert inner.impl == "fused" and len(inner.params) == 1
+
+
+@pytest.mark.parametrize("factor", [0.25, torch.tensor(0.25)])
+def test_multiply_grads_equals_fairseq(factor):
+    ours_params, ref_params = _params(), _params()
+    _grads(ours_params, 3)
+    _grads(ref_params, 3)
+    FusedAdam(_cfg(), ours_params).multiply_grads(factor)
+    FairseqAdam(_cfg(), ref_params).multiply_grads(factor)
+    for a, b in zip(ours_params, ref_params):
+        assert torch.equal(a.grad, b.grad)

@@ -118,13 +118,19 @@ class FusedAdam(FairseqOptimizer):
     def supports_flat_params(self):
         return True
 
+    def multiply_grads(self, c):
+        """Multiply the gradients by ``c`` (number or tensor) in one multi-tensor kernel."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, c.to(grads[0].device) if torch.is_tensor(c) else c)
+
     def clip_grad_norm(self, max_norm, aggregate_norm_fn=None):
         """Total L2 norm of the gradients (float32 tensor), clipped to ``max_norm`` if > 0.
 
         Same result as fairseq's ``utils.clip_grad_norm_`` with two multi-tensor kernels
         instead of one norm per gradient; nothing is read back to the host.
         """
-        grads = [p.grad.detach() for p in self.params if p.grad is not None]
+        grads = [p.grad for p in self.params if p.grad is not None]  # no autograd history
         if not grads:
             params = list(self.params)
             return params[0].new_tensor(0.0) if params else torch.tensor(0.0)
