@@ -126,6 +126,17 @@ def transformer_m_configs() -> dict:
         "ref": Config("ref", ref + new, cuda_flags=["--fp16"]),
         "fast-bf16": Config("fast-bf16", fast + new + ["--bf16-autocast"]),
         "ref-bf16": Config("ref-bf16", ref + new + ["--bf16-autocast"]),
+        # the layer stack compiled (inductor), with CUDA graphs; --pack-multiple bounds the
+        # number of distinct shapes (and graph recordings)
+        "fast-bf16-compile": Config(
+            "fast-bf16-compile",
+            fast + new + ["--bf16-autocast", "--torch-compile", "reduce-overhead",
+                          "--pack-multiple", "256"],
+        ),
+        "fast-bf16-compile-nocg": Config(
+            "fast-bf16-compile-nocg",
+            fast + new + ["--bf16-autocast", "--torch-compile", "default"],
+        ),
         "geomformer-legacy": Config("geomformer-legacy", legacy, family="geomformer"),
         "geomformer": Config("geomformer", new, family="geomformer"),
         "gsrd-legacy": Config("gsrd-legacy", legacy, family="gsrd"),
@@ -136,7 +147,7 @@ def transformer_m_configs() -> dict:
 PRESETS = {
     # CPU: host time per update of a tiny L12 model, fast path; main vs this branch
     "cpu-host": dict(model="tiny", configs="main,fast-legacy,fast", records=20000,
-                     rounds=5, window=4.0, warmup=15, workers=0, ceiling_batches=8),
+                     rounds=5, window=4.0, warmup=15, workers=1, ceiling_batches=8),
     # CI: seconds, tiny everything
     "ci": dict(model="ci", configs="fast,ref", records=300, rounds=1, window=0.3,
                warmup=2, workers=0, ceiling_batches=2),
@@ -145,6 +156,10 @@ PRESETS = {
     "h200": dict(model="l12", configs="fast-legacy,ref-legacy,fast,fast-bf16,ref-bf16,"
                  "geomformer-legacy,geomformer,gsrd-legacy,gsrd", records=200000, rounds=3,
                  window=2.5, warmup=25, workers=8, ceiling_batches=16),
+    # one H200, second run: the compiled layer stack (compiles during the warm-up)
+    "h200-compile": dict(model="l12", configs="fast-bf16,fast-bf16-compile,"
+                         "fast-bf16-compile-nocg", records=200000, rounds=3, window=2.5,
+                         warmup=60, workers=8, ceiling_batches=16),
 }  # fmt: skip
 
 
@@ -599,9 +614,11 @@ def run(args) -> dict:
             if ch.error:
                 continue
             try:
-                ch.send(cmd="count")
-                ch.results["count"] = ch.expect("count", 600)
-                ch.expect("idle", 600)
+                # counting under a dispatch mode would run a compiled model eagerly
+                if "--torch-compile" not in ch.config.flags:
+                    ch.send(cmd="count")
+                    ch.results["count"] = ch.expect("count", 600)
+                    ch.expect("idle", 600)
                 ch.send(cmd="finish")
                 ch.expect("ceiling-ready", 600)
             except (RuntimeError, TimeoutError) as exc:

@@ -8,14 +8,17 @@
 # Does    : installs the wheels into /tmp/site, builds the Cython extension, then runs
 #           scripts/bench/bench_train.py --preset h200 (Transformer-M L12 batch 256 with today's
 #           flags and the new ones, fast and reference paths, bf16 autocast, GeoMFormer and
-#           3D-GSRD; LMDB of 200,000 records in /dev/shm). Extra arguments go to bench_train.py.
+#           3D-GSRD; LMDB of 200,000 records in /dev/shm). Extra arguments go to bench_train.py;
+#           PRESET=h200-compile runs the torch.compile configurations instead.
 # Output  : OUT (default $OUT of the run tool, else ./runs/gpu_bench): bench_train.txt (the
 #           table), bench_train.json (all figures), logs/ (each fairseq-train's log).
 # Time    : about 4-5 minutes (set-up ~40 s, data ~30 s, benchmark ~3 min).
+# Env     : PRESET (h200), PYTHON (python3), WHEELS, SITE, OUT, SHM (/dev/shm), SKIP_BUILD=1.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
+PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-$REPO/.gpu}
 SITE=${SITE:-/tmp/site}
 OUT=${OUT:-$REPO/runs/gpu_bench}
@@ -26,18 +29,21 @@ mkdir -p "$OUT/logs"
 shopt -s nullglob
 wheels=("$WHEELS"/*.whl)
 if ((${#wheels[@]})); then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
         "${wheels[@]}"
 fi
 export PYTHONPATH=$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
-python3 setup.py build_ext --inplace -q
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c 'import torch, fairseq; print("torch", torch.__version__, "fairseq", fairseq.__version__)' \
+[[ "${SKIP_BUILD:-0}" == 1 ]] || "$PYTHON" setup.py build_ext --inplace -q
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
+        | tee "$OUT/gpu.txt"
+fi
+"$PYTHON" -c 'import torch, fairseq; print("torch", torch.__version__, "fairseq", fairseq.__version__)' \
     | tee -a "$OUT/gpu.txt"
 
 status=0
-python3 scripts/bench/bench_train.py --preset h200 --lmdb-dir "$SHM/tm_bench_lmdb" \
+"$PYTHON" scripts/bench/bench_train.py --preset "${PRESET:-h200}" --lmdb-dir "$SHM/tm_bench_lmdb" \
     --work-dir "$SHM/tm_bench_runs" --json "$OUT/bench_train.json" "$@" \
     2>&1 | tee "$OUT/bench_train.txt" || status=$?
 cp "$SHM"/tm_bench_runs/*.log "$OUT/logs/" 2>/dev/null || true

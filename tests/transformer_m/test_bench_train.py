@@ -7,6 +7,7 @@ not for speed. ``data/bench/pcqm_like_molecules.npz`` is checked against its des
 ``make_bench_molecules.py`` (the command that made it) runs on a few molecules.
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,16 +69,19 @@ def importlib_missing(name: str) -> bool:
     return importlib.util.find_spec(name) is None
 
 
-def test_bench_train_ci_preset(tmp_path):
-    out = tmp_path / "bench.json"
+def test_gpu_bench_script_with_the_ci_preset(tmp_path):
+    """scripts/bench/gpu_bench.sh (the GPU command) end to end, CI-sized on the CPU."""
+    env = dict(os.environ, PRESET="ci", PYTHON=sys.executable, WHEELS=str(tmp_path / "none"),
+               OUT=str(tmp_path / "out"), SHM=str(tmp_path), SKIP_BUILD="1")  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "bench_train.py"), "--preset", "ci", "--device", "cpu",
-         "--work-dir", str(tmp_path / "work"), "--json", str(out)],
-        capture_output=True, text=True, timeout=900,
+        ["bash", str(BENCH / "gpu_bench.sh"), "--device", "cpu"],
+        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "e2e/ceil" in proc.stdout and "fast/ref" in proc.stdout
-    result = json.loads(out.read_text())
+    table = (tmp_path / "out" / "bench_train.txt").read_text()
+    assert "e2e/ceil" in table and "fast/ref" in table
+    assert sorted(p.name for p in (tmp_path / "out" / "logs").iterdir()) == ["fast.log", "ref.log"]
+    result = json.loads((tmp_path / "out" / "bench_train.json").read_text())
     assert result["data"]["records"] == 300 and result["data"]["unique_molecules"] == 4890
     rows = {r["config"]: r for r in result["rows"]}
     assert set(rows) == {"fast", "ref"}

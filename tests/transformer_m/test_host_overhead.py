@@ -59,10 +59,10 @@ def make_records(n_mol=12, seed=0, with_pos=True, nan_every=0):
     return out
 
 
-def sample_of(records, pad_multiple=8, with_pos=True):
+def sample_of(records, pad_multiple=8, with_pos=True, token_multiple=1):
     """The fairseq sample the task's collater makes (host plan + nlabelled included)."""
     graphs = GraphDataset(records, Collator(pad_multiple=pad_multiple, with_pos=with_pos))
-    dataset = GraphPredictionDataset(graphs)
+    dataset = GraphPredictionDataset(graphs, token_multiple)
     return dataset.collater([dataset[i] for i in range(len(dataset))])
 
 

@@ -75,6 +75,12 @@ class TransformerMConfig(FairseqDataclass):
                   "and optimizer (mixed precision for GPUs with bf16; fairseq's own --bf16 "
                   "means TPU). Not with --fp16"},
     )
+    torch_compile: ChoiceEnum(["none", "default", "reduce-overhead"]) = field(
+        default="none",
+        metadata={"help": "torch.compile the fast path's layer stack (dynamic shapes); "
+                  "reduce-overhead adds CUDA graphs (use --pack-multiple and --pad-to-multiple "
+                  "for few shapes). Compiles on the first batches"},
+    )
     num_classes: int = II("task.num_classes")
     num_atoms: int = II("task.num_atoms")
     num_edges: int = II("task.num_edges")
@@ -135,6 +141,7 @@ class TransformerMModel(BaseFairseqModel):
             legacy_droppath=cfg.legacy_droppath,
             atom_head_dropout=cfg.atom_head_dropout,
             implementation=cfg.implementation,
+            torch_compile=cfg.torch_compile,
         )
         model = cls(net, max_nodes=cfg.max_nodes, bf16_autocast=cfg.bf16_autocast)
         logger.info("Transformer-M: %d parameters", sum(p.numel() for p in model.parameters()))

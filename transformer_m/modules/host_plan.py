@@ -18,6 +18,11 @@ are CPU tensors that fairseq moves to the device with the batch, plus one Python
 * ``PLAN_PAIRS`` int64 [P]: ``(b * N + i) * N + j`` of the pairs of real atoms;
 * ``PLAN_ANY_POS`` bool: whether any position of the batch is non-zero (the 3D channel
   runs), or absent when the batch has no ``pos``.
+
+With ``token_multiple > 1`` the packed rows are padded to a multiple of it with inert rows
+(copies of the graph token of molecule 0 that no real row ever reads: their outputs are
+dropped and their gradients are zero), so that the layer stack sees few distinct shapes, as
+``torch.compile`` with CUDA graphs needs.
 """
 from typing import Mapping, MutableMapping, Optional
 
@@ -37,12 +42,13 @@ PLAN_KEYS = (PLAN_TOKENS, PLAN_BATCH, PLAN_TOKEN, PLAN_GATHER, PLAN_SPREAD, PLAN
              PLAN_ANY_POS)  # fmt: skip
 
 
-def host_plan(batch: Mapping[str, torch.Tensor]) -> dict:
+def host_plan(batch: Mapping[str, torch.Tensor], token_multiple: int = 1) -> dict:
     """The plan of a collated CPU batch (see the module docstring).
 
     Args:
         batch: collated batch with ``x`` int [B, N, 9] (0 = padding atom) and optionally
             ``pos`` float [B, N, 3], on the CPU.
+        token_multiple: pad the packed rows to a multiple of this with inert rows.
 
     Returns:
         dict of the ``PLAN_*`` entries.
@@ -53,15 +59,22 @@ def host_plan(batch: Mapping[str, torch.Tensor]) -> dict:
     n_tok = n_atoms + 1
     tokens = np.concatenate([np.ones((bsz, 1), bool), real], axis=1)  # [B, T]
     flat = np.flatnonzero(tokens)  # [M], row-major like torch.nonzero
-    gather = np.full(bsz * n_tok, len(flat), dtype=np.int64)
-    gather[flat] = np.arange(len(flat))
+    n_real = len(flat)
+    gather = np.full(bsz * n_tok, n_real, dtype=np.int64)
+    gather[flat] = np.arange(n_real)
+    spread = np.minimum(gather, n_real - 1)
+    if token_multiple > 1:
+        # inert rows: packed from grid position 0, never gathered by a real position
+        n_rows = -(-n_real // token_multiple) * token_multiple
+        flat = np.concatenate([flat, np.zeros(n_rows - n_real, np.int64)])
+        gather[gather == n_real] = n_rows  # unpack's zero row now follows the inert rows
     pairs = np.flatnonzero(real[:, :, None] & real[:, None, :])  # [P]
     plan = {
         PLAN_TOKENS: torch.from_numpy(flat),
         PLAN_BATCH: torch.from_numpy(flat // n_tok),
         PLAN_TOKEN: torch.from_numpy(flat % n_tok),
         PLAN_GATHER: torch.from_numpy(gather),
-        PLAN_SPREAD: torch.from_numpy(np.minimum(gather, len(flat) - 1)),
+        PLAN_SPREAD: torch.from_numpy(spread),
         PLAN_PAIRS: torch.from_numpy(pairs.astype(np.int64)),
     }
     pos = batch.get(keys.POS)
@@ -70,9 +83,11 @@ def host_plan(batch: Mapping[str, torch.Tensor]) -> dict:
     return plan
 
 
-def add_host_plan(batch: MutableMapping[str, torch.Tensor]) -> MutableMapping:
+def add_host_plan(
+    batch: MutableMapping[str, torch.Tensor], token_multiple: int = 1
+) -> MutableMapping:
     """Add :func:`host_plan` to ``batch`` (in place) and return it."""
-    batch.update(host_plan(batch))
+    batch.update(host_plan(batch, token_multiple))
     return batch
 
 

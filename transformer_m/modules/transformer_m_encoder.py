@@ -1,4 +1,5 @@
 """The Transformer-M molecule encoder (``encoder.molecule_encoder`` in checkpoints)."""
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -29,6 +30,10 @@ from .utils import (
 
 # Scale of the 3D atom term added to the atom tokens (spec §1.7).
 MERGED_3D_FEATURE_SCALE = 0.01
+# torch.compile modes of the layer stack ("none": eager). reduce-overhead adds CUDA graphs.
+COMPILE_MODES = ("none", "default", "reduce-overhead")
+# Compiled layer stacks, outside the module so that copies and pickles of it stay plain.
+_COMPILED = weakref.WeakKeyDictionary()
 
 
 class MoleculeEncoder(nn.Module):
@@ -79,6 +84,11 @@ class MoleculeEncoder(nn.Module):
             encoder's layout; ``atom_output`` is then None).
         atom_head_dropout: attention dropout of ``atom_proc`` (0.1 in the release).
         implementation: ``"fast"`` or ``"reference"``.
+        torch_compile: ``torch.compile`` mode of the fast path's layer stack (one compiled
+            region for the L layers, dynamic shapes), one of ``COMPILE_MODES``; ``"none"``
+            runs it eagerly. Used when only the last hidden state is requested.
+        compile_backend: ``torch.compile`` backend (``"inductor"``; ``"eager"`` traces
+            without generating code, for tests).
     """
 
     def __init__(
@@ -111,9 +121,16 @@ class MoleculeEncoder(nn.Module):
         atom_head: bool = True,
         atom_head_dropout: float = 0.1,
         implementation: str = "fast",
+        torch_compile: str = "none",
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         self.implementation = check_implementation(implementation)
+        torch_compile = str(torch_compile)
+        if torch_compile not in COMPILE_MODES:
+            raise ValueError(f"torch_compile must be one of {COMPILE_MODES}, got {torch_compile!r}")
+        self.torch_compile = torch_compile
+        self.compile_backend = compile_backend
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.dropout = float(dropout)
@@ -218,6 +235,38 @@ class MoleculeEncoder(nn.Module):
         for a, layer in enumerate(layers):
             out[layer] = (scale[a, 0], scale[a, 1])
         return out
+
+    def run_layers(
+        self,
+        xs: torch.Tensor,
+        bias: torch.Tensor,
+        flat_index: torch.Tensor,
+        batch_index: torch.Tensor,
+        token_index: torch.Tensor,
+        gather_index: torch.Tensor,
+        spread_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """The L layers on packed tokens ``xs`` [M, D], DropPath draws included.
+
+        Tensors in, tensor out (the fields of :class:`TokenPacking` passed one by one, B
+        and T read from ``bias`` [B, H, T, T]): the region ``torch.compile`` compiles.
+        """
+        packing = TokenPacking(flat_index, batch_index, token_index, gather_index,
+                               spread_index, bias.shape[0], bias.shape[-1])  # fmt: skip
+        scales = self.droppath_scales(packing, xs.dtype)
+        for layer, layer_scales in zip(self.layers, scales):
+            xs = layer.forward_packed(xs, bias, packing, layer_scales)
+        return xs
+
+    def _compiled_layers(self):
+        fn = _COMPILED.get(self)
+        if fn is None:
+            mode = None if self.torch_compile == "default" else self.torch_compile
+            fn = torch.compile(
+                self.run_layers, mode=mode, dynamic=True, backend=self.compile_backend
+            )
+            _COMPILED[self] = fn
+        return fn
 
     def forward(
         self,
@@ -342,14 +391,17 @@ class MoleculeEncoder(nn.Module):
             xs = packing.pack(x)  # [M, D]
             attn_dtype = _attention_dtype(xs)
             bias_in = layer_bias.to(attn_dtype)
-            scales = self.droppath_scales(packing, xs.dtype)
-            inner_states = [packing.unpack(xs).transpose(0, 1)] if return_all_hiddens else []
-            for layer, layer_scales in zip(self.layers, scales):
-                xs = layer.forward_packed(xs, bias_in, packing, layer_scales)
-                if return_all_hiddens:
+            if return_all_hiddens:
+                inner_states = [packing.unpack(xs).transpose(0, 1)]
+                scales = self.droppath_scales(packing, xs.dtype)
+                for layer, layer_scales in zip(self.layers, scales):
+                    xs = layer.forward_packed(xs, bias_in, packing, layer_scales)
                     inner_states.append(packing.unpack(xs).transpose(0, 1))  # [T, B, D]
-            if not return_all_hiddens:
-                inner_states.append(packing.unpack(xs).transpose(0, 1))
+            else:
+                run = self.run_layers if self.torch_compile == "none" else self._compiled_layers()
+                xs = run(xs, bias_in, packing.flat_index, packing.batch_index,
+                         packing.token_index, packing.gather_index, packing.spread_index)
+                inner_states = [packing.unpack(xs).transpose(0, 1)]  # [T, B, D]
             x = inner_states[-1]
             extra.update(packing=packing, last_packed=xs)
         if not return_all_hiddens:

@@ -166,6 +166,8 @@ class TransformerMNet(nn.Module):
         atom_head_dropout: attention dropout of ``atom_proc`` (0.1 in the release).
         implementation: ``"fast"`` (SDPA, packed tokens and pairs, folded edge bias)
             or ``"reference"`` (the released code's computation).
+        torch_compile: ``torch.compile`` mode of the fast path's layer stack
+            (``"none"``, ``"default"``, ``"reduce-overhead"`` = with CUDA graphs).
 
     Shapes:
         ``forward`` returns ``logits`` [B, N+1, C] (token 0 = graph prediction;
@@ -207,6 +209,7 @@ class TransformerMNet(nn.Module):
         atom_head: bool = True,
         atom_head_dropout: float = 0.1,
         implementation: str = "fast",
+        torch_compile: str = "none",
     ) -> None:
         super().__init__()
         molecule_encoder = MoleculeEncoder(
@@ -237,6 +240,7 @@ class TransformerMNet(nn.Module):
             atom_head=atom_head,
             atom_head_dropout=atom_head_dropout,
             implementation=implementation,
+            torch_compile=torch_compile,
         )
         self.encoder = TransformerMEncoder(
             molecule_encoder=molecule_encoder,
