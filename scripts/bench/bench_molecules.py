@@ -1,8 +1,9 @@
 """The benchmark molecule set (``data/bench/pcqm_like_molecules.npz``) -> LMDB records.
 
-Needs no RDKit: the file holds raw OGB graphs and 3D positions (written by
-``make_bench_molecules.py``), and records are built with the project's featurizer
-(:func:`graphormer_ext.featurize.graph.graph_to_record`, Cython shortest paths).
+Needs no RDKit: the file holds raw OGB graphs (one row per bond) and 3D positions (written
+by ``make_bench_molecules.py``), which are the stored graphs of an LMDB split
+(:func:`graphormer_ext.featurize.graph.stored_from_bonds`); the loader derives the shortest
+paths from them at load time, as for any split.
 """
 from __future__ import annotations
 
@@ -76,16 +77,22 @@ class BenchMolecules:
         }
 
     def records(self, indices=None) -> list[dict]:
-        """LMDB records (``graph_to_record``, 5 path hops, fixed path convention)."""
-        from graphormer_ext.featurize.graph import graph_to_record
+        """Stored-graph records (LMDB schema 2; 5 path hops, fixed path convention)."""
+        from graphormer_ext.featurize.graph import stored_from_bonds
 
         indices = range(len(self)) if indices is None else indices
         out = []
         for i in indices:
-            g = self.graph(int(i))
+            i = int(i)
+            a0, a1 = self._atom_start[i], self._atom_start[i + 1]
+            b0, b1 = self._bond_start[i], self._bond_start[i + 1]
             out.append(
-                graph_to_record(
-                    g["node_feat"], g["edge_index"], g["edge_attr"], pos=g["pos"], y=g["y"]
+                stored_from_bonds(
+                    self._arrays["node_feat"][a0:a1],
+                    self._arrays["bonds"][b0:b1],
+                    self._arrays["bond_feat"][b0:b1],
+                    pos=self._arrays["pos"][a0:a1].astype(np.float32),
+                    y=np.array([self._arrays["y"][i]], np.float32),
                 )
             )
         return out

@@ -589,14 +589,26 @@ def run(args) -> dict:
         run_dir.mkdir(exist_ok=True)
         children.append(Child(cfg, argv, env, work / f"{cfg.name}.log", run_dir))
     sampler = GpuSampler() if cuda else None
+    deadline = time.monotonic() + (args.time_budget or float("inf"))
+
+    def left(limit: float) -> float:
+        """``limit`` seconds, or what is left of the time budget (at least 5 s)."""
+        return max(5.0, min(limit, deadline - time.monotonic()))
+
     try:
         for ch in children:  # all warm up in parallel; wait for each to pause
             try:
-                ch.expect("idle", args.start_timeout)
+                ch.expect("idle", left(args.start_timeout))
             except (RuntimeError, TimeoutError) as exc:
                 ch.fail(exc)
         live = [c for c in children if c.error is None]
+        # the time budget keeps a share for the ceiling phase
+        now = time.monotonic()
+        train_deadline = now + 0.6 * (deadline - now) if args.time_budget else deadline
         for r in range(args.rounds):
+            if r and time.monotonic() > train_deadline:
+                print(f"time budget: stopped after {r} rounds", flush=True)
+                break
             order = live[r % len(live):] + live[: r % len(live)] if live else []
             for ch in order:
                 if ch.error:
@@ -624,6 +636,9 @@ def run(args) -> dict:
             except (RuntimeError, TimeoutError) as exc:
                 ch.fail(exc)
         for r in range(args.rounds):
+            if r and time.monotonic() > deadline:
+                print(f"time budget: ceiling after {r} rounds", flush=True)
+                break
             for ch in live:
                 if ch.error:
                     continue
@@ -749,6 +764,8 @@ def parse_args(argv=None):
     p.add_argument("--baseline-repo", default="", help="checkout of main for config 'main'")
     p.add_argument("--extra", default="", help="more fairseq-train flags for every config")
     p.add_argument("--start-timeout", type=float, default=900.0)
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="seconds for start-up and measurement; fewer rounds when short (0: none)")
     p.add_argument("--json", default="", help="also write the figures here")
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_ctl", nargs=2, type=int, help=argparse.SUPPRESS)

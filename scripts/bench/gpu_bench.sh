@@ -13,7 +13,8 @@
 # Output  : OUT (default $OUT of the run tool, else ./runs/gpu_bench): bench_train.txt (the
 #           table), bench_train.json (all figures), logs/ (each fairseq-train's log).
 # Time    : about 4-5 minutes (set-up ~40 s, data ~30 s, benchmark ~3 min).
-# Env     : PRESET (h200), PYTHON (python3), WHEELS, SITE, OUT, SHM (/dev/shm), SKIP_BUILD=1.
+# Env     : PRESET (h200), TIME_BUDGET (330 s for start-up and measurement: fewer rounds if
+#           short), PYTHON (python3), WHEELS, SITE, OUT, SHM (/dev/shm), SKIP_BUILD=1.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -44,7 +45,8 @@ fi
 
 status=0
 "$PYTHON" scripts/bench/bench_train.py --preset "${PRESET:-h200}" --lmdb-dir "$SHM/tm_bench_lmdb" \
-    --work-dir "$SHM/tm_bench_runs" --json "$OUT/bench_train.json" "$@" \
+    --work-dir "$SHM/tm_bench_runs" --json "$OUT/bench_train.json" \
+    --time-budget "${TIME_BUDGET:-330}" "$@" \
     2>&1 | tee "$OUT/bench_train.txt" || status=$?
 cp "$SHM"/tm_bench_runs/*.log "$OUT/logs/" 2>/dev/null || true
 exit "$status"

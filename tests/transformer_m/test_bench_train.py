@@ -39,11 +39,16 @@ def test_molecule_set_is_pcqm_sized_real_and_buildable_without_rdkit():
     assert 13.5 <= sizes["mean"] <= 14.5 and sizes["max"] == 51 and sizes["p99"] <= 30
     kept = {k: v["kept"] for k, v in mols.meta["counts"].items()}
     assert kept == {"nci_first_5k": 2474, "wehi": 1866, "chembl_11265_actives": 2, "qm9": 548}
+    from graphormer_ext.featurize.graph import expand_record
+
     records = mols.records(range(0, len(mols), 97))
     for rec, i in zip(records, range(0, len(mols), 97)):
         n = int(mols.num_atoms[i])
-        assert rec["x"].shape == (n, 9) and rec["pos"].shape == (n, 3)
-        assert np.isfinite(rec["pos"]).all() and rec["spatial_pos"].shape == (n, n)
+        model = expand_record(rec)  # what the loader derives from the stored graph
+        assert model["x"].shape == (n, 9) and model["pos"].shape == (n, 3)
+        assert np.isfinite(model["pos"]).all() and model["spatial_pos"].shape == (n, n)
+        graph = mols.graph(i)  # the OGB form: both directions of every bond
+        assert graph["edge_index"].shape[1] == 2 * len(rec["bond_index"])
     assert list(bm.repeated([1, 2, 3], 7)) == [1, 2, 3, 1, 2, 3, 1]
 
 

@@ -69,7 +69,7 @@ class GeoMFormerMD17Criterion(FairseqCriterion):
             log["force_count"] = 3 * _num_atoms(sample, batch)
         log["loss"] = loss.detach()
         log["ntokens"] = _num_atoms(sample, batch)
-        return loss, target.numel(), loggable(log, model.training)
+        return loss, target.numel(), loggable(log, getattr(model, "training", True))
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
@@ -111,7 +111,7 @@ class GeoMFormerGraphCriterion(FairseqCriterion):
         mae = ((pred[ok] * std + mean) - target[ok]).abs().sum().detach()
         log = {"loss": loss.detach(), "mae": mae, "sample_size": n,
                "nsentences": target.numel(), "ntokens": target.numel()}
-        return loss, max(n, 1), loggable(log, model.training)
+        return loss, max(n, 1), loggable(log, getattr(model, "training", True))
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

@@ -65,7 +65,8 @@ class GsrdPretrainCriterion(FairseqCriterion):
         log = {"loss": loss.detach() * bsz, "sample_size": bsz, "nsentences": bsz, "ntokens": bsz}
         for k, v in terms.items():
             log[f"{k}_loss"] = v.detach() * bsz
-        return loss, 1, loggable(log, model.training)  # sample_size 1: a batch mean already
+        # sample_size 1: the loss is already a batch mean
+        return loss, 1, loggable(log, getattr(model, "training", True))
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
@@ -148,7 +149,7 @@ class GsrdEnergyForceCriterion(FairseqCriterion):
             "force_abs": f_abs.sum().detach(), "force_count": f_abs.numel(),
             "sample_size": bsz, "nsentences": bsz, "ntokens": int(mask.sum()),
         }
-        return loss, 1, loggable(log, model.training)
+        return loss, 1, loggable(log, getattr(model, "training", True))
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
@@ -190,7 +191,7 @@ class GsrdQM9Criterion(FairseqCriterion):
         bsz = int(ok.sum())
         log = {"loss": loss.detach() * max(bsz, 1), "abs": (out["pred"] - y)[ok].abs().sum().detach(),
                "sample_size": bsz, "nsentences": int(y.numel()), "ntokens": int(y.numel())}
-        return loss, 1, loggable(log, model.training)
+        return loss, 1, loggable(log, getattr(model, "training", True))
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
