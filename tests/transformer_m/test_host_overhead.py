@@ -312,3 +312,18 @@ def test_geomformer_and_gsrd_metrics_stay_on_the_device():
         with metrics.aggregate(new_root=True) as agg:
             criterion.reduce_metrics([loggable(log, training=False)])
             assert isinstance(agg.get_smoothed_values()["loss"], float), criterion
+
+
+def test_train_mode_shortcut_still_switches_every_module():
+    """fairseq calls model.train() every update; the fairseq model skips the walk only when
+    every submodule already is in that mode."""
+    from transformer_m.models.transformer_m import TransformerMModel
+
+    model = TransformerMModel(tiny_net())
+    model.train()
+    assert all(m.training for m in model.modules())
+    model.encoder.molecule_encoder.layers[1].eval()  # one submodule changed directly
+    model.train()
+    assert all(m.training for m in model.modules())
+    model.eval()
+    assert not any(m.training for m in model.modules())

@@ -145,3 +145,4 @@ def test_bf16_autocast_refuses_half_weights():
     model = TransformerMModel(net, bf16_autocast=True).half()
     with pytest.raises(ValueError, match="--bf16-autocast needs float32 weights"):
         model(batch)
+

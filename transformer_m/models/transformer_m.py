@@ -160,6 +160,14 @@ class TransformerMModel(BaseFairseqModel):
         with autocast_bf16(self.bf16_autocast, batched_data[keys.X].device):
             return self.encoder(batched_data, return_all_hiddens=return_all_hiddens, **kwargs)
 
+    def train(self, mode: bool = True):
+        """``nn.Module.train``, skipped when every submodule already is in ``mode``: fairseq
+        calls it on every update, and the recursive walk over the ~165 modules of L12 costs
+        ~0.7 ms of host time (a check of the flags ~0.2 ms)."""
+        if all(m.training == mode for m in self.modules()):
+            return self
+        return super().train(mode)
+
     def max_positions(self):
         return self.max_nodes
 
