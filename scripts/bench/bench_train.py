@@ -169,11 +169,12 @@ def build_lmdb(npz: Path, out: Path, records: int) -> dict:
     sys.path.insert(0, str(HERE))
     from bench_molecules import BenchMolecules, repeated, size_summary
 
+    from graphormer_ext.data import keys
     from graphormer_ext.data.lmdb_writer import write_split
 
     digest = hashlib.sha256(npz.read_bytes()).hexdigest()[:16]
     stamp = out / "bench_stamp.json"
-    want = {"npz_sha256_16": digest, "records": records}
+    want = {"npz_sha256_16": digest, "records": records, "schema": keys.SCHEMA_VERSION}
     mols = BenchMolecules(npz)
     info = {
         "unique_molecules": len(mols),

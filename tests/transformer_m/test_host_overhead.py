@@ -7,6 +7,7 @@ one real training step of the fast path (the task's collater, the model, the cri
 that fails on any such read, and check that the host-side index plan gives the very indices the
 device would compute. Everything runs on the CPU; the checked operations are the same.
 """
+import contextlib
 import math
 
 import numpy as np
@@ -94,6 +95,14 @@ class HostReadGuard(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@contextlib.contextmanager
+def fairseq_train_update():
+    """The aggregators active while fairseq-train's trainer reduces an update's metrics."""
+    with metrics.aggregate(new_root=True), metrics.aggregate("train"):
+        with metrics.aggregate("train_inner"), metrics.aggregate() as agg:
+            yield agg
+
+
 class Criterion(GraphPredictionCriterion):
     def __init__(self):  # no fairseq task needed
         torch.nn.Module.__init__(self)
@@ -135,7 +144,7 @@ def test_training_step_reads_nothing_back_from_the_device(monkeypatch):
         opt.clip_grad_norm(5.0)
         opt.step()
         opt.zero_grad()
-        with metrics.aggregate(new_root=True) as agg:
+        with fairseq_train_update() as agg:
             Criterion.reduce_metrics([log])
             values = agg.get_smoothed_values()  # what fairseq's trainer does every update
     assert guard.reads + reads == []
@@ -283,9 +292,10 @@ def test_dropout_is_one_operator_with_the_right_statistics():
     assert dropout(x, 0.25, False) is x and dropout(x, 0.0, True) is x
 
 
-def test_geomformer_and_gsrd_metrics_stay_on_the_device():
+def test_metrics_stay_on_the_device_in_training_only():
     """The GeoMFormer and 3D-GSRD criteria reduce training logs without reading them back;
-    in evaluation their logs are floats (rounded, as before)."""
+    outside training updates (validation) the reduced values are floats, rounded as before,
+    even when the logs are tensors (data-parallel runs all-reduce them into tensors)."""
     from transformer_m.criterions.geomformer_md17 import (
         GeoMFormerGraphCriterion,
         GeoMFormerMD17Criterion,
@@ -295,6 +305,7 @@ def test_geomformer_and_gsrd_metrics_stay_on_the_device():
 
     t = torch.tensor
     logs = {
+        Criterion: {"loss": t(3.0), "denoise_loss": t(0.5), "sample_size": 2, "nsentences": 2},
         GeoMFormerMD17Criterion: {"loss": t(3.0), "energy_abs": t(1.5), "force_abs": t(6.0),
                                   "force_count": 12, "sample_size": 2, "nsentences": 2},
         GeoMFormerGraphCriterion: {"loss": t(1.0), "mae": t(0.5), "sample_size": 2},
@@ -304,14 +315,15 @@ def test_geomformer_and_gsrd_metrics_stay_on_the_device():
     }  # fmt: skip
     for criterion, log in logs.items():
         guard = HostReadGuard()
-        with guard, metrics.aggregate(new_root=True) as agg:
+        with guard, fairseq_train_update() as agg:
             criterion.reduce_metrics([log, log])
             values = agg.get_smoothed_values()
         assert guard.reads == [], criterion
         assert torch.is_tensor(values["loss"]), criterion
-        with metrics.aggregate(new_root=True) as agg:
-            criterion.reduce_metrics([loggable(log, training=False)])
-            assert isinstance(agg.get_smoothed_values()["loss"], float), criterion
+        for eval_log in (loggable(log, training=False), log):  # also tensors, as DDP makes
+            with metrics.aggregate(new_root=True), metrics.aggregate("valid") as agg:
+                criterion.reduce_metrics([eval_log])
+                assert isinstance(agg.get_smoothed_values()["loss"], float), criterion
 
 
 def test_train_mode_shortcut_still_switches_every_module():

@@ -4,11 +4,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 
 from graphormer_ext.data import keys
+from transformer_m.criterions.lazy_metrics import log_scalar, sum_logs
 
 
 @dataclass
@@ -114,15 +114,12 @@ class GraphPredictionCriterion(FairseqCriterion):
     def reduce_metrics(logging_outputs) -> None:
         sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
         nsent = sum(log.get("nsentences", 0) for log in logging_outputs)
-        l1 = sum(log.get("loss", 0) for log in logging_outputs)
-        dn = sum(log.get("denoise_loss", 0) for log in logging_outputs)
-        # Tensors (training) are logged unrounded: rounding would read them back to the host
-        # every update; fairseq converts them when it prints.
-        digits = None if torch.is_tensor(l1) else 5
-        metrics.log_scalar("loss", l1 / max(sample_size, 1), sample_size, round=digits)
-        metrics.log_scalar("mae_ev", l1 / max(sample_size, 1), sample_size, round=digits)
-        digits = None if torch.is_tensor(dn) else 4
-        metrics.log_scalar("denoise_loss", dn / max(nsent, 1), nsent, round=digits)
+        l1 = sum_logs(logging_outputs, "loss")
+        dn = sum_logs(logging_outputs, "denoise_loss")
+        # in training updates tensors stay on the device (lazy_metrics)
+        log_scalar("loss", l1 / max(sample_size, 1), sample_size, round=5)
+        log_scalar("mae_ev", l1 / max(sample_size, 1), sample_size, round=5)
+        log_scalar("denoise_loss", dn / max(nsent, 1), nsent, round=4)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

@@ -2,9 +2,11 @@
 
 fairseq's trainer reduces and averages the logged values of every update, and rounds them
 (``safe_round`` calls ``.item()``) when a meter has a ``round``: one host synchronisation per
-logged tensor per update. Logging tensors *without* ``round`` keeps them on the device until
-fairseq prints a line (every ``--log-interval`` updates); floats (validation, where reading
-back is free) keep their rounding.
+logged tensor per update. During training updates (fairseq-train's ``train`` aggregator is
+active) tensors are logged *without* ``round`` and stay on the device until fairseq prints a
+line (every ``--log-interval`` updates). Everywhere else (validation, fairseq-validate, other
+drivers) values are read back and rounded as before, so validation output and the
+best-checkpoint bookkeeping keep plain floats (data-parallel runs all-reduce logs into tensors).
 """
 from typing import Iterable, Mapping
 
@@ -17,10 +19,24 @@ def sum_logs(logging_outputs: Iterable[Mapping], key: str):
     return sum(log.get(key, 0) for log in logging_outputs)
 
 
+def in_training_updates() -> bool:
+    """Whether fairseq-train is running training updates: its ``train`` aggregator is active
+    (validation opens a new root aggregator without it)."""
+    train = metrics.get_meters("train")
+    return train is not None and any(agg is train for agg in metrics.get_active_aggregators())
+
+
 def log_scalar(key: str, value, weight=1, round=None, priority: int = 10) -> None:
-    """``metrics.log_scalar``, without rounding for tensors (rounding would read them back)."""
-    digits = None if torch.is_tensor(value) else round
-    metrics.log_scalar(key, value, weight, priority=priority, round=digits)
+    """``metrics.log_scalar``: a tensor in training updates is logged unrounded (rounding would
+    read it back every update); otherwise tensors become floats, rounded as before."""
+    if torch.is_tensor(value):
+        if in_training_updates():
+            round = None
+        else:
+            value = float(value)
+    if torch.is_tensor(weight):
+        weight = float(weight)
+    metrics.log_scalar(key, value, weight, priority=priority, round=round)
 
 
 def loggable(log: dict, training: bool) -> dict:
