@@ -1,5 +1,4 @@
 """The Transformer-M molecule encoder (``encoder.molecule_encoder`` in checkpoints)."""
-import weakref
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -32,8 +31,13 @@ from .utils import (
 MERGED_3D_FEATURE_SCALE = 0.01
 # torch.compile modes of the layer stack ("none": eager). reduce-overhead adds CUDA graphs.
 COMPILE_MODES = ("none", "default", "reduce-overhead")
-# Compiled layer stacks, outside the module so that copies and pickles of it stay plain.
-_COMPILED = weakref.WeakKeyDictionary()
+# Compiled layer-stack functions by (mode, backend), shared by all encoders (the encoder is an
+# argument: no reference to a module is kept, copies and pickles of modules stay plain).
+_COMPILED: Dict[Tuple[str, str], object] = {}
+
+
+def _run_layers(encoder: "MoleculeEncoder", *tensors: torch.Tensor) -> torch.Tensor:
+    return encoder.run_layers(*tensors)
 
 
 class MoleculeEncoder(nn.Module):
@@ -259,14 +263,14 @@ class MoleculeEncoder(nn.Module):
         return xs
 
     def _compiled_layers(self):
-        fn = _COMPILED.get(self)
-        if fn is None:
+        key = (self.torch_compile, self.compile_backend)
+        if key not in _COMPILED:
             mode = None if self.torch_compile == "default" else self.torch_compile
-            fn = torch.compile(
-                self.run_layers, mode=mode, dynamic=True, backend=self.compile_backend
+            _COMPILED[key] = torch.compile(
+                _run_layers, mode=mode, dynamic=True, backend=self.compile_backend
             )
-            _COMPILED[self] = fn
-        return fn
+        compiled = _COMPILED[key]
+        return lambda *tensors: compiled(self, *tensors)
 
     def forward(
         self,
