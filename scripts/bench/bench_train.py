@@ -18,8 +18,9 @@ Python loop, no fairseq trainer. ``e2e/ceiling`` is the end-to-end rate over tha
 Also measured, on one update of the real loop under a ``TorchDispatchMode``: ATen operator
 calls per update (≈ kernel launches on a GPU) and host synchronisations (``.item()`` /
 ``bool()`` / ``int()`` of tensors = ``aten._local_scalar_dense``, ``nonzero``, boolean-mask
-indexing, device-to-host copies, ``tolist``), split into the model + loss forward/backward
-(our code) and the rest of the update (fairseq's trainer and optimizer).
+indexing, device-to-host and blocking host-to-device copies, ``tolist``), split into the
+model + loss forward/backward (our code) and the rest of the update (fairseq's trainer and
+optimizer). Views are counted apart: they launch no kernel.
 
 On CUDA it samples ``nvidia-smi`` (``utilization.gpu``, the share of time a kernel ran)
 during each window.
@@ -245,8 +246,12 @@ class _OpCounter:
             src = args[1] if name == "copy_" else args[0]
             dst_dev = kwargs.get("device") if name == "_to_copy" else args[0].device
             if isinstance(src, torch.Tensor) and dst_dev is not None:
-                if src.device.type != "cpu" and torch.device(dst_dev).type == "cpu":
+                dst = torch.device(dst_dev).type
+                blocking = not (kwargs.get("non_blocking") or (len(args) > 2 and args[2]))
+                if src.device.type != "cpu" and dst == "cpu":
                     sync = "device-to-host copy"
+                elif src.device.type == "cpu" and dst != "cpu" and blocking:
+                    sync = "blocking host-to-device copy"
         if sync:
             bucket = self.syncs[self.phase]
             bucket[sync] = bucket.get(sync, 0) + 1
