@@ -2,7 +2,6 @@
 
 Tier A: CPU only, no fairseq.
 """
-import os
 import sys
 
 import numpy as np
@@ -12,9 +11,6 @@ from scipy.sparse.csgraph import shortest_path
 from graphormer_ext import _algos_legacy as baseline
 from graphormer_ext import algos, algos_ref
 
-GOLDEN = os.environ.get(
-    "TRANSFORMER_M_GOLDEN", "/work/shared/golden/tm_golden_small_fixedpaths.pt"
-)
 IMPLS = {"fast": algos, "ref": algos_ref, "baseline": baseline}
 U = algos.UNREACHABLE
 
@@ -264,10 +260,9 @@ def test_shortest_path_features_max_size_matches_baseline():
 # --- golden: official preprocessing (fixed paths) of 16 real molecules --------------------------
 @pytest.fixture(scope="module")
 def golden():
-    if not os.path.exists(GOLDEN):
-        pytest.skip(f"golden file not found: {GOLDEN}")
-    torch = pytest.importorskip("torch")
-    return torch.load(GOLDEN, weights_only=True)
+    from golden_fixture import golden
+
+    return golden()
 
 
 def _golden_inputs(pre):

@@ -1,6 +1,5 @@
 """Collator vs the official golden batch; padding, no drops; epoch order, batching."""
 
-import os
 
 import numpy as np
 import pytest
@@ -10,16 +9,13 @@ from graphormer_ext.data import keys as K
 from graphormer_ext.data.base import EpochDataset, GraphDataset, batch_by_size
 from graphormer_ext.data.collator import Collator
 
-GOLDEN = os.environ.get(
-    "TRANSFORMER_M_GOLDEN", "/work/shared/golden/tm_golden_small_fixedpaths.pt"
-)
 
 
 @pytest.fixture(scope="module")
 def golden():
-    if not os.path.exists(GOLDEN):
-        pytest.skip(f"golden file not found: {GOLDEN}")
-    return torch.load(GOLDEN, weights_only=True)
+    from golden_fixture import golden
+
+    return golden()
 
 
 def _stored_from_preprocessed(pre, max_hops=5):

@@ -2,7 +2,6 @@
 
 Tier A: CPU only, no fairseq.
 """
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,19 +13,15 @@ from graphormer_ext.data import keys
 from graphormer_ext.featurize import graph as graph_mod
 from graphormer_ext.featurize.graph import graph_to_record
 
-GOLDEN = os.environ.get(
-    "TRANSFORMER_M_GOLDEN", "/work/shared/golden/tm_golden_small_fixedpaths.pt"
-)
 REPO = Path(__file__).resolve().parents[2]
 INT_KEYS = (keys.X, keys.DEGREE, keys.SPATIAL_POS, keys.ATTN_EDGE_TYPE, keys.EDGE_INPUT)
 
 
 @pytest.fixture(scope="module")
 def golden():
-    if not os.path.exists(GOLDEN):
-        pytest.skip(f"golden file not found: {GOLDEN}")
-    torch = pytest.importorskip("torch")
-    return torch.load(GOLDEN, weights_only=True)
+    from golden_fixture import golden
+
+    return golden()
 
 
 def _raw(mol):
@@ -223,4 +218,6 @@ def test_missing_extension_names_build_command(monkeypatch):
 
 def test_featurize_graph_imports_no_torch():
     code = "import sys, graphormer_ext.featurize.graph; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    from suite_env import subprocess_env
+
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, env=subprocess_env())

@@ -209,16 +209,16 @@ def test_shipped_xtb_trajectory():
 def test_xtb_generator_small_run(tmp_path):
     pytest.importorskip("tblite")
     pytest.importorskip("ase")
-    import os
     import subprocess
     import sys
+
+    from suite_env import subprocess_env
 
     script = SHIPPED.parents[1] / "scripts" / "make_md17_xtb.py"
     out = tmp_path / "w.npz"
     cmd = [sys.executable, str(script), "--smiles", "O", "--name", "water",
            "--frames", "12", "--equilibrate", "2", "--fd-check", "1", "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert res.returncode == 0, res.stderr
     assert "finite-difference check" in res.stderr
     src = MD17Source(out, train=8, valid=2)

@@ -7,10 +7,10 @@ them. Other fixture families in this file use their own prefixes.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from suite_env import subprocess_env
 
 # --- e2e: fixture data ------------------------------------------------------------------
 _E2E_CORES = ("C", "CC", "CCC", "CCCC", "CC(C)C", "C1CCCC1", "c1ccccc1", "C1CCOC1")
@@ -99,14 +99,6 @@ def e2e_data_2d(tmp_path_factory, e2e_smiles) -> Path:
 
 @pytest.fixture(scope="session")
 def e2e_env() -> dict:
-    """Environment for fairseq subprocesses: quiet, single-threaded, no GPU, repo not on path."""
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        CUDA_VISIBLE_DEVICES="",
-        PYTHONWARNINGS="ignore",
-        PYTHONHASHSEED="0",
-    )
-    env.pop("PYTHONPATH", None)
-    return env
+    """Environment for fairseq subprocesses: this checkout's code, quiet, single-threaded, no
+    GPU (``tests/suite_env.py``)."""
+    return subprocess_env()

@@ -1,7 +1,6 @@
 """End to end: ``fairseq-train`` trains GeoMFormer (tiny) on an MD17-format LMDB (energy + forces,
 forces as -dE/dR) and on a tiny N-body set; the training loss falls."""
 
-import os
 import re
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from suite_env import subprocess_env
 
 pytest.importorskip("fairseq")
 
@@ -21,8 +21,7 @@ def _train(args, tmp_path, name):
            "--num-workers", "0", "--log-format", "simple", "--log-interval", "1", "--seed", "1",
            "--no-save", "--optimizer", "adam", "--arch", "geomformer_tiny",
            "--attention-dropout", "0", "--act-dropout", "0", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     (tmp_path / f"{name}.log").write_text(log)
     assert proc.returncode == 0, log[-3000:]
@@ -56,7 +55,7 @@ def md17_lmdb(tmp_path_factory):
     proc = subprocess.run(
         [str(BIN / "graphormer-ext-preprocess"), "md17", "--path", str(root / "toy.npz"),
          "--train", "32", "--valid", "8", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=subprocess_env(),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out

@@ -1,7 +1,6 @@
 """3D-GSRD through fairseq's CLIs (CPU subprocesses, tiny model): pre-training, MD17 fine-tuning from
 the pre-trained encoder, fairseq-validate on the checkpoint, QM9 fine-tuning, recipes' dry runs."""
 
-import os
 import re
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from suite_env import subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -22,10 +22,7 @@ COMMON = ["--user-dir", USER_DIR, "--cpu", "--num-workers", "0", "--seed", "1", 
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONWARNINGS="ignore")
-    env.pop("PYTHONPATH", None)
-    return env
+    return subprocess_env()
 
 
 def _run(tool, args, log):
@@ -48,10 +45,10 @@ def data(tmp_path_factory):
     opts = ["--workers", "1", "--no-progress"]
     subprocess.run(pre + ["pcqm4mv2", "--root", str(REPO / "data/pcqm4m-v2-qm9"), "--limit", "32",
                           "--splits", "train", "--out", str(root / "pcq")] + opts,
-                   check=True, cwd=REPO, capture_output=True)
+                   check=True, cwd=REPO, capture_output=True, env=_env())
     subprocess.run(pre + ["md17", "--path", str(REPO / "data/md17-xtb/md17_ethanol_xtb.npz"), "--train", "32",
                           "--valid", "16", "--test", "16", "--out", str(root / "md17")] + opts,
-                   check=True, cwd=REPO, capture_output=True)
+                   check=True, cwd=REPO, capture_output=True, env=_env())
     # QM9-layout splits (19 PyG-ordered targets) from the demo graph records, labels synthetic
     from graphormer_ext.data.lmdb_dataset import LMDBDataset
     from graphormer_ext.data.lmdb_writer import write_split
@@ -125,7 +122,7 @@ def test_qm9_finetune_and_validate(data, tmp_path):
 
 @pytest.mark.parametrize("recipe", ["gsrd_pretrain.sh", "gsrd_finetune_md17.sh", "gsrd_finetune_qm9.sh"])
 def test_recipes_dry_run(recipe, tmp_path):
-    env = dict(_env(), DRY_RUN="1", PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+    env = subprocess_env(DRY_RUN="1")
     proc = subprocess.run(["bash", str(REPO / "scripts/recipes" / recipe), str(tmp_path / "lmdb"),
                            str(tmp_path / "save"), "none"] if recipe != "gsrd_pretrain.sh" else
                           ["bash", str(REPO / "scripts/recipes" / recipe), str(tmp_path / "lmdb"),

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from suite_env import subprocess_env
 
 from graphormer_ext.data.lmdb_dataset import LMDBDataset
 from graphormer_ext.featurize import gsrd_features as gf
@@ -29,7 +30,7 @@ TINY = dict(encoder_layers=2, encoder_embed_dim=32, encoder_attention_heads=4, e
 
 def _preprocess(args, out):
     subprocess.run([str(BIN / "graphormer-ext-preprocess"), *args, "--out", str(out), "--workers", "1",
-                    "--no-progress"], check=True, cwd=REPO, capture_output=True)
+                    "--no-progress"], check=True, cwd=REPO, capture_output=True, env=subprocess_env())
     return out
 
 

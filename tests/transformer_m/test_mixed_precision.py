@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tm_modules_testutils import golden
+from golden_fixture import golden
 
 from transformer_m.modules import TransformerMNet
 from transformer_m.modules.precision import autocast_bf16

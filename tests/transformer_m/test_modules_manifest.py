@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from tm_modules_testutils import GOLDEN_DIR, SMALL_CONFIG, golden
+from golden_fixture import fixture_file
+from tm_modules_testutils import SMALL_CONFIG, golden
 
 from transformer_m.modules import (
     TransformerMNet,
@@ -34,9 +35,7 @@ QM9_FINETUNE = dict(
 
 
 def manifest(name: str):
-    path = GOLDEN_DIR / name
-    if not path.exists():
-        pytest.skip(f"{path} not available")
+    path = fixture_file(name)
     rows = []
     for line in path.read_text().splitlines():
         key, shape = line.split("\t")
@@ -45,10 +44,7 @@ def manifest(name: str):
 
 
 def param_counts():
-    path = GOLDEN_DIR / "tm_keys_param_counts.json"
-    if not path.exists():
-        pytest.skip(f"{path} not available")
-    return json.loads(path.read_text())
+    return json.loads(fixture_file("tm_keys_param_counts.json").read_text())
 
 
 def meta_model(**overrides) -> TransformerMNet:

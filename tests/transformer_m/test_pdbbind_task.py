@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from suite_env import subprocess_env
 
 pytest.importorskip("fairseq")
 pytest.importorskip("rdkit")
@@ -177,8 +178,7 @@ def test_recipe_header_and_resolved_command(plugin, tmp_path):
     for fact in ("PDBbind v2016", "285", "GPU", "Time", "Target", "0.83", "UNVERIFIED"):
         assert fact in header, fact
     assert subprocess.run(["bash", "-n", str(RECIPE)]).returncode == 0
-    env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
-    env.pop("PYTHONPATH", None)
+    env = subprocess_env(DRY_RUN="1", PYTHON=sys.executable)
     proc = subprocess.run(
         ["bash", str(RECIPE), "root", str(tmp_path / "lmdb"), "pre.pt", str(tmp_path / "s")],
         capture_output=True, text=True, env=env, timeout=120,

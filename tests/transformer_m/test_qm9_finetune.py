@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from suite_env import subprocess_env
 
 pytest.importorskip("fairseq")
 torch = pytest.importorskip("torch")
@@ -496,9 +497,7 @@ def test_qm9_recipe_resolves_to_the_released_hyperparameters(tmp_path):
 
     recipe = REPO_ROOT / "scripts" / "recipes" / "qm9_finetune.sh"
     assert os.access(recipe, os.X_OK)
-    env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="",
-               PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("PYTHONPATH", None)
+    env = subprocess_env(DRY_RUN="1", PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(recipe), "L12.pt", str(tmp_path / "lmdb"), "save"],
                           capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr

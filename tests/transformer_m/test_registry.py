@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import os
 import subprocess
 import sys
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from suite_env import subprocess_env
 
 pytest.importorskip("fairseq")
 
@@ -50,13 +50,6 @@ def parse(*extra: str, arch: str = "transformer_m_base"):
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, input_args=[*BASE_ARGS, "--arch", arch, *extra])
     return args, convert_namespace_to_omegaconf(args)
-
-
-def subprocess_env() -> dict:
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return env
 
 
 # --- registered names --------------------------------------------------------------------

@@ -4,16 +4,11 @@ Batches are manipulated directly in their collated form (keys of
 ``graphormer_ext.data.keys``), so these tests do not depend on the data layer's
 featurizer or collator.
 """
-import functools
-from pathlib import Path
-
-import pytest
 import torch
+from golden_fixture import golden
 
 from graphormer_ext.data import keys
 
-GOLDEN_DIR = Path("/work/shared/golden")
-GOLDEN_FILE = GOLDEN_DIR / "tm_golden_small_fixedpaths.pt"
 ATOL = 1e-5
 
 # Resolved configuration of the golden small model (golden README, "Exact config").
@@ -47,17 +42,6 @@ ATOM_AXES = {
     keys.ATTN_EDGE_TYPE: 2,
     keys.EDGE_INPUT: 2,
 }
-
-
-@functools.lru_cache(maxsize=1)
-def _load_golden():
-    return torch.load(GOLDEN_FILE, weights_only=True)
-
-
-def golden():
-    if not GOLDEN_FILE.exists():
-        pytest.skip(f"golden file {GOLDEN_FILE} not available")
-    return _load_golden()
 
 
 def build_small(implementation: str, **overrides):
