@@ -93,7 +93,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         w = csv.writer(f)
         w.writerow(["code", "idx", "y_true", "y_pred"])
         for i, yt, yp in zip(idx, y, pred):
-            w.writerow([codes[i] if codes else "", int(i), f"{yt:.6g}", f"{yp:.6g}"])
+            # repr: the shortest text that reads back to the same float (the metrics are
+            # recomputed from this file; 6 digits are too few for nearly equal predictions)
+            w.writerow([codes[i] if codes else "", int(i), repr(float(yt)), repr(float(yp))])
     result = {
         **affinity_metrics(y, pred),
         "n": int(len(y)),
