@@ -79,12 +79,12 @@ def pair_geometry(pos: torch.Tensor, isotropic_eps: bool):
     return d, u
 
 
-def edge_features(bond: torch.Tensor) -> torch.Tensor:
+def edge_features(bond: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``bond [B,N,N]`` int (0 none, 1..4 single/double/triple/aromatic) -> ``[B,N,N,5]``
-    (bond one-hot + self-loop flag), the complete graph of B2.2."""
+    (bond one-hot + self-loop flag) in ``dtype`` (the model's), the complete graph of B2.2."""
     b, n, _ = bond.shape
-    onehot = F.one_hot(bond.long().clamp(0, 4), 5)[..., 1:].float()
-    eye = torch.eye(n, device=bond.device).expand(b, n, n).unsqueeze(-1)
+    onehot = F.one_hot(bond.long().clamp(0, 4), 5)[..., 1:].to(dtype)
+    eye = torch.eye(n, dtype=dtype, device=bond.device).expand(b, n, n).unsqueeze(-1)
     return torch.cat([onehot, eye], dim=-1)
 
 
@@ -199,10 +199,13 @@ class ReTransEncoder(nn.Module):
         self.out_norm = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, atom_feat, pos, bond, node_mask):
-        """atom_feat ``[B,N,60]``, pos ``[B,N,3]``, bond ``[B,N,N]`` int, node_mask ``[B,N]`` bool."""
-        nm = node_mask.to(pos.dtype)
-        pos = pos * nm.unsqueeze(-1)  # excluded atoms carry no coordinates
-        x = atom_feat.to(pos.dtype)
+        """atom_feat ``[B,N,60]``, pos ``[B,N,3]``, bond ``[B,N,N]`` int, node_mask ``[B,N]`` bool.
+
+        Inputs are cast to the dtype of the weights (``model.double()`` runs in float64)."""
+        dtype = self.distance_proj.weight.dtype
+        nm = node_mask.to(dtype)
+        pos = pos.to(dtype) * nm.unsqueeze(-1)  # excluded atoms carry no coordinates
+        x = atom_feat.to(dtype)
         if self.concat_pos:
             x = torch.cat([x, pos], dim=-1)
         x = x * nm.unsqueeze(-1)
@@ -213,7 +216,7 @@ class ReTransEncoder(nn.Module):
         w = self.distance_proj(rbf) * pmf.unsqueeze(-1)
         x_nb = torch.einsum("bijc,bjc->bic", w, self.neigh_embedding(x))
         h = self.combine(torch.cat([self.node_embedding(x), x_nb], dim=-1))
-        e = self.edge_embedding(edge_features(bond))
+        e = self.edge_embedding(edge_features(bond, dtype))
         v = h.new_zeros(h.shape[0], h.shape[1], 3, self.dim)
         cut = cosine_cutoff(d, self.cutoff) if self.msg_cutoff else None
         for layer in self.layers:
@@ -275,8 +278,9 @@ class Graph2DEncoder(nn.Module):
 
     def forward(self, atom_feat, bond, node_mask):
         pair_mask = node_mask.unsqueeze(1) & node_mask.unsqueeze(2)
-        h = self.node_embedding(atom_feat.float())
-        e = self.edge_embedding(edge_features(bond))
+        dtype = self.head.weight.dtype
+        h = self.node_embedding(atom_feat.to(dtype))
+        e = self.edge_embedding(edge_features(bond, dtype))
         for layer in self.layers:
             h = layer(h, e, pair_mask)
         z = self.pred_in(h)

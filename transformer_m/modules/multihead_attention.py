@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .utils import check_implementation, dropout
+from .utils import at_least_float32, check_implementation, dropout
 
 
 class TokenPacking(NamedTuple):
@@ -179,7 +179,7 @@ class MultiheadAttention(nn.Module):
                 key_padding_mask[:, None, None, :].to(torch.bool), float("-inf")
             )
             attn_weights = attn_weights.view(heads, tgt_len, tgt_len)
-        attn_probs = F.softmax(attn_weights.float(), dim=-1).type_as(attn_weights)
+        attn_probs = F.softmax(at_least_float32(attn_weights), dim=-1).type_as(attn_weights)
         attn_probs = F.dropout(
             attn_probs, p=self.attention_dropout, training=self.training
         )

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from graphormer_ext.data import keys
 
 from .host_plan import PairIndex
-from .utils import check_implementation, init_feature_params
+from .utils import at_least_float32, check_implementation, init_feature_params
 
 # Constants of the released Gaussian basis (spec §1.7, golden quirk 5).
 GAUSSIAN_PI = 3.14159
@@ -333,13 +333,14 @@ class GaussianLayer(nn.Module):
         mul = self.mul(edge_types).sum(dim=-2)  # [..., 1]
         bias = self.bias(edge_types).sum(dim=-2)  # [..., 1]
         u = mul * dist.unsqueeze(-1) + bias  # [..., 1]
-        mean = self.means.weight.float().view(-1)  # [K]
-        std_raw = self.stds.weight.float().view(-1)  # [K]
+        mean = at_least_float32(self.means.weight).view(-1)  # [K]
+        std_raw = at_least_float32(self.stds.weight).view(-1)  # [K]
+        u = u.to(mean.dtype)
         if self.fused:
-            out = _GaussianBasis.apply(u.float(), mean, std_raw)
+            out = _GaussianBasis.apply(u, mean, std_raw)
         else:
             u = u.expand(*u.shape[:-1], self.num_kernels)
-            out = gaussian_basis(u.float(), mean, std_raw.abs() + GAUSSIAN_STD_OFFSET)
+            out = gaussian_basis(u, mean, std_raw.abs() + GAUSSIAN_STD_OFFSET)
         return out.type_as(self.means.weight)  # [..., K]
 
 
@@ -544,7 +545,7 @@ class AtomTaskHead(nn.Module):
         logits = attn.view(-1, n_node, n_node) + attn_bias.contiguous().view(
             -1, n_node, n_node
         )
-        attn_probs = F.softmax(logits.float(), dim=-1).type_as(attn)
+        attn_probs = F.softmax(at_least_float32(logits), dim=-1).type_as(attn)
         attn_probs = F.dropout(
             attn_probs, p=self.attention_dropout, training=self.training
         ).view(bsz, H, n_node, n_node)
@@ -558,4 +559,4 @@ class AtomTaskHead(nn.Module):
         f1 = self.force_proj1(x[:, :, 0, :]).view(bsz, n_node, 1)
         f2 = self.force_proj2(x[:, :, 1, :]).view(bsz, n_node, 1)
         f3 = self.force_proj3(x[:, :, 2, :]).view(bsz, n_node, 1)
-        return torch.cat([f1, f2, f3], dim=-1).float()  # [B, N, 3]
+        return at_least_float32(torch.cat([f1, f2, f3], dim=-1))  # [B, N, 3]

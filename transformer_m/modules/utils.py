@@ -31,16 +31,25 @@ def check_implementation(implementation: str) -> str:
     return implementation
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is half precision, else unchanged (float64 stays float64).
+
+    Where the release computes in float32 (GELU, softmax, Gaussian basis), half-precision
+    inputs are upcast as released, and a ``model.double()`` keeps its float64 precision.
+    """
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _gelu_fp32(x: torch.Tensor) -> torch.Tensor:
-    # fairseq `gelu`: exact erf GELU evaluated in float32 (no casts needed in float32).
-    if x.dtype == torch.float32:
+    # fairseq `gelu`: exact erf GELU evaluated in float32 (float64 stays float64; no casts then).
+    if x.dtype in (torch.float32, torch.float64):
         return F.gelu(x)
     return F.gelu(x.float()).type_as(x)
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     # fairseq `gelu_accurate` / `gelu_fast`: tanh approximation.
-    if x.dtype == torch.float32:
+    if x.dtype in (torch.float32, torch.float64):
         return F.gelu(x, approximate="tanh")
     return F.gelu(x.float(), approximate="tanh").type_as(x)
 
