@@ -100,6 +100,34 @@ def test_masking_ratio_noise_and_determinism(pcq):
     assert any((m != ds[i]["masked"]).any() for i, m in enumerate(masks))  # re-drawn per epoch
 
 
+@pytest.mark.parametrize("pretrain", [True, False])
+def test_evaluation_items_do_not_depend_on_the_seed(pcq, md17, pretrain):
+    """valid/test items: no rotation, masks/noise keyed by the index only (any --seed, any
+    epoch); training items are rotated and drawn per (seed, epoch, index)."""
+    records = pcq if pretrain else md17
+    a = GsrdDataset(records, pretrain=pretrain, train=False, seed=1)
+    b = GsrdDataset(records, pretrain=pretrain, train=False, seed=7)
+    b.set_epoch(5)
+    for i in range(4):
+        x, y = a[i], b[i]
+        pos = np.asarray(records[i]["pos"], np.float64)
+        stored = pos - pos.mean(0)
+        np.testing.assert_array_equal(x["pos"], y["pos"])
+        if pretrain:
+            np.testing.assert_array_equal(x["masked"], y["masked"])
+            np.testing.assert_allclose(x["label"], stored, atol=1e-12)  # not rotated
+        else:
+            np.testing.assert_allclose(x["pos"], stored, atol=1e-12)
+            np.testing.assert_allclose(x["forces"], records[i]["forces"], atol=1e-6)
+    train = GsrdDataset(records, pretrain=pretrain, train=True, seed=1)
+    key = "label" if pretrain else "pos"
+    assert not np.allclose(train[0][key], a[0][key], atol=1e-3)  # training rotates
+    rot = GsrdDataset(records, pretrain=pretrain, train=False, seed=1, eval_rotation=True)
+    rot7 = GsrdDataset(records, pretrain=pretrain, train=False, seed=7, eval_rotation=True)
+    assert not np.allclose(rot[0][key], a[0][key], atol=1e-3)
+    np.testing.assert_array_equal(rot[0][key], rot7[0][key])  # fixed per molecule
+
+
 def test_rotation_is_proper():
     r = random_rotation(np.random.default_rng(0))
     assert np.allclose(r @ r.T, np.eye(3)) and np.isclose(np.linalg.det(r), 1)

@@ -3,11 +3,17 @@
 
 Data (spec ``gsrd.md`` §B2): records of the shared LMDB layer (graph records with ``x`` /
 ``attn_edge_type`` or point-cloud records with ``z``), GSRD 2D features computed on the fly
-(:mod:`graphormer_ext.featurize.gsrd_features`). Per item, seeded by ``(seed, epoch, index)``:
-mean-centring, a uniform random rotation (positions, labels and forces rotate together; on by
-default in every split, as in the published collaters), and for pre-training the masking
-(``max(1, floor(N * ratio + 1))`` atoms, at least one atom stays visible) and the noise
-``0.04 * eps`` on visible atoms.
+(:mod:`graphormer_ext.featurize.gsrd_features`). Per item: mean-centring, in training a
+uniform random rotation (positions, labels and forces rotate together; ``--no-rotation`` turns it
+off), and for pre-training the masking (``max(1, floor(N * ratio + 1))`` atoms, at least one atom
+stays visible) and the noise ``0.04 * eps`` on visible atoms.
+
+Randomness is keyed by ``(seed, epoch, index)`` in training. Evaluation is deterministic: no
+rotation, and the pre-training masks and noise of a valid/test molecule are keyed by its index
+only, so ``fairseq-validate`` gives the same numbers for every ``--seed`` and every run. The
+published collaters also rotate valid/test molecules at random, which makes the published
+(non-``--physical``) model's test error depend on the draw; ``--eval-rotation`` restores that
+augmentation as a fixed rotation per molecule (still independent of ``--seed``).
 """
 
 import logging
@@ -44,6 +50,7 @@ BOND = "gsrd_bond"  # int64 [B, N, N], 0 none, 1..4 bond types
 POS_MASK = "gsrd_pos_mask"  # bool [B, N], masked (re-masked) atoms
 POS_LABEL = "gsrd_pos_label"  # float32 [B, N, 3], clean centred coordinates
 NOISE = "gsrd_noise"  # float32 [B, N, 3], unit-variance noise eps (0 on masked atoms)
+EVAL_SEED = 0  # evaluation randomness (pre-training masks, --eval-rotation): not the run's --seed
 
 
 def random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -65,15 +72,17 @@ class GsrdDataset(EpochDataset, FairseqDataset):
 
     def __init__(self, records, *, pretrain: bool, train: bool, seed: int = 1,
                  mask_ratio: float = 0.25, noise_scale: float = 0.04, rotate: bool = True,
-                 indices: Optional[np.ndarray] = None, target_index: Optional[int] = None,
-                 max_atoms: Optional[int] = None):
+                 eval_rotation: bool = False, indices: Optional[np.ndarray] = None,
+                 target_index: Optional[int] = None, max_atoms: Optional[int] = None):
         super().__init__(shuffle=train, seed=seed)
         self.dataset = records
         self.pretrain = pretrain
         self.train = train
         self.mask_ratio = mask_ratio
         self.noise_scale = noise_scale
-        self.rotate = rotate
+        # training: random rotation per (seed, epoch, index); evaluation: none, or one fixed
+        # rotation per molecule with eval_rotation
+        self.rotate = rotate if train else eval_rotation
         self.target_index = target_index
         self.featurizer = GsrdFeaturizer()
         all_sizes = np.asarray(records.sizes, dtype=np.int64)
@@ -90,7 +99,10 @@ class GsrdDataset(EpochDataset, FairseqDataset):
         return self._sizes
 
     def item_rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng((self.seed, self.epoch if self.train else 0, int(index)))
+        """Training: keyed by ``(seed, epoch, index)``; evaluation: by ``index`` only."""
+        if self.train:
+            return np.random.default_rng((self.seed, self.epoch, int(index)))
+        return np.random.default_rng((EVAL_SEED, int(index)))
 
     def __getitem__(self, index):
         rec = self.dataset[int(self.indices[index])]
@@ -189,7 +201,13 @@ class GsrdBaseConfig(FairseqDataclass):
     max_nodes: int = field(default=128, metadata={"help": "leave out molecules with more atoms"})
     no_rotation: bool = field(
         default=False,
-        metadata={"help": "switch off the random rotation of every molecule (on in the published code)"},
+        metadata={"help": "switch off the random rotation of training molecules (on in the published code)"},
+    )
+    eval_rotation: bool = field(
+        default=False,
+        metadata={"help": "rotate valid/test molecules too, as the published collaters do (at random "
+                  "there); here one fixed rotation per molecule, the same for every --seed. Off: "
+                  "evaluation sees the molecules as stored"},
     )
     reuse_dataloader: bool = field(
         default=False,
@@ -230,8 +248,8 @@ class _GsrdTaskBase(FairseqTask):
             records, pretrain=self.pretrain, train=is_train, seed=self.cfg.seed,
             mask_ratio=getattr(self.cfg, "mask_ratio", 0.25),
             noise_scale=getattr(self.cfg, "noise_scale", 0.04),
-            rotate=not self.cfg.no_rotation, indices=indices, target_index=target_index,
-            max_atoms=self.cfg.max_nodes,
+            rotate=not self.cfg.no_rotation, eval_rotation=self.cfg.eval_rotation,
+            indices=indices, target_index=target_index, max_atoms=self.cfg.max_nodes,
         )
         logger.info("%s: %d molecules (%s)", split, len(ds), records.path)
         self.datasets[split] = ds
