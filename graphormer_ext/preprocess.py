@@ -186,6 +186,9 @@ def _build_source(args: argparse.Namespace):
             test=args.test,
             seed=args.seed,
             format=args.format,
+            length_unit=args.length_unit,
+            energy_unit=args.energy_unit,
+            min_test=args.min_test,
         )
     if args.command == "pdbbind":
         from graphormer_ext.sources.pdbbind import PDBBindSource
@@ -492,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser(
-        "md17", help="MD17 / rMD17 npz trajectory (energy kcal/mol, forces kcal/mol/Å)"
+        "md17",
+        help="MD17 / rMD17 npz trajectory (stored in kcal/mol, kcal/mol/Å, Å); protocol: "
+        "950 train / 50 valid frames drawn from the full trajectory, the rest is test",
     )
     p.add_argument(
         "--path", required=True, help="sGDML or rMD17 .npz (or a folder + --molecule)"
@@ -506,6 +511,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     p.add_argument(
         "--format", choices=("auto", "sgdml", "rmd17"), default="auto", help="npz keys"
+    )
+    p.add_argument(
+        "--min-test",
+        type=int,
+        default=None,
+        help="refuse a test split (the rest) smaller than this (default: the validation "
+        "split's size, at least 1; 0 = accept any)",
+    )
+    p.add_argument(
+        "--length-unit",
+        default=None,
+        help="coordinate unit of a file without an r_unit field: Å (Ang), bohr, nm, pm "
+        "(default: the file's field, else Å)",
+    )
+    p.add_argument(
+        "--energy-unit",
+        default=None,
+        help="energy unit of a file without an e_unit field: kcal/mol, kJ/mol, eV, meV, "
+        "hartree; forces are in energy/length (default: the file's field, else kcal/mol)",
     )
     _common(p)
 

@@ -68,10 +68,36 @@ def test_split_sizes_and_seeded_reproducibility(tmp_path):
     other = MD17Source(f, train=10, valid=5, seed=4)
     assert not np.array_equal(other.frame_indices("train"), frames[0])
     assert MD17Source(f, train=10, valid=5, test=7).splits()["test"] == 7
-    # an empty split is left out
-    assert "test" not in MD17Source(f, train=25, valid=5).splits()
+    # an empty split is left out (when asked for: by default the rest must hold >= valid)
+    assert "test" not in MD17Source(f, train=25, valid=5, min_test=0).splits()
     with pytest.raises(SourceError, match="need 31 frames; the file has 30"):
         MD17Source(f, train=26, valid=5)
+
+
+def test_test_split_of_the_rest_has_a_minimum(tmp_path, caplog):
+    """950/50 on a 1,001-frame file used to give a silent 1-frame test split."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "md17_short.npz"
+    np.savez(path, z=np.array([8, 1, 1]), R=rng.normal(size=(1001, 3, 3)),
+             E=rng.normal(size=(1001, 1)), F=rng.normal(size=(1001, 3, 3)))  # fmt: skip
+    with pytest.raises(SourceError, match=r"test split would have 1 frame\(s\) \(1,001 frames - "
+                       r"950 train - 50 valid\), fewer than 50.*--min-test 0"):  # fmt: skip
+        MD17Source(path, train=950, valid=50)
+    with caplog.at_level("INFO", logger="graphormer_ext.sources.md17"):
+        ok = MD17Source(path, train=900, valid=50)  # the rest: 51 >= 50
+        assert ok.splits() == {"train": 900, "valid": 50, "test": 51}
+        assert "1,001 frames -> train 900, valid 50, test 51" in caplog.text
+        caplog.clear()
+        assert MD17Source(path, train=950, valid=50, test=1).splits()["test"] == 1
+        assert "fewer than 50 (explicit --test)" in caplog.text  # kept, with a warning
+    assert MD17Source(path, train=950, valid=50, min_test=0).splits()["test"] == 1
+    from graphormer_ext.preprocess import main
+
+    argv = ["md17", "--path", str(path), "--train", "950", "--valid", "50", "--out",
+            str(tmp_path / "lmdb"), "--workers", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 2 and not (tmp_path / "lmdb" / "train.lmdb").exists()
+    assert main(argv + ["--min-test", "0"]) == 0
+    assert len(LMDBDataset(tmp_path / "lmdb" / "test.lmdb")) == 1
 
 
 def test_records_offset_and_describe(tmp_path):
@@ -132,6 +158,60 @@ def test_cli_writes_three_splits(tmp_path):
     assert main(argv) == 2  # refuses to overwrite
 
 
+BOHR, HARTREE, EV = 0.529177210903, 627.5094740631, 23.060547830619  # Å, kcal/mol, kcal/mol
+
+
+@pytest.mark.parametrize("r_unit,e_unit,length,energy", [
+    ("Ang", "kcal/mol", 1.0, 1.0),
+    ("bohr", "eV", BOHR, EV),
+    ("au", "Ha", BOHR, HARTREE),
+    ("Angstrom", "kJ/mol", 1.0, 1 / 4.184),
+])  # fmt: skip
+def test_unit_fields_are_converted_and_recorded(tmp_path, r_unit, e_unit, length, energy):
+    """sGDML files carry r_unit/e_unit (forces in e_unit/r_unit): stored in Å, kcal/mol."""
+    z, R, E, F = _traj()
+    f = _sgdml(tmp_path / "md17_toy.npz", r_unit=np.array(r_unit), e_unit=np.array(e_unit))
+    src = MD17Source(f, train=10, valid=5, energy_offset=0.0)
+    frame = int(src.frame_indices("train")[0])
+    rec = next(src.iter_split("train"))
+    np.testing.assert_allclose(rec.arrays[K.POS], R[frame] * length, rtol=1e-6)
+    np.testing.assert_allclose(rec.y, [E[frame] * energy], rtol=1e-6)
+    np.testing.assert_allclose(rec.arrays[K.FORCES], F[frame] * energy / length, rtol=1e-5)
+    d = src.describe()
+    assert d["units"] == {"pos": "Å", "energy": "kcal/mol", "forces": "kcal/mol/Å"}
+    inp = d["input_units"]
+    assert inp["from"] == {"length": "file field r_unit", "energy": "file field e_unit"}
+    assert inp["factors_to_stored"]["forces"] == pytest.approx(energy / length)
+    meta = write_split(tmp_path / "train.lmdb", src, split="train", workers=1, progress=False)
+    assert meta["source"]["describe"]["input_units"]["length"] == inp["length"]
+
+
+def test_unit_flags_for_files_without_fields(tmp_path):
+    """rMD17 files carry no unit fields (Å, kcal/mol by their documentation): flags set
+    them; a flag that contradicts a file's field, or an unknown unit, is an error."""
+    z, R, E, F = _traj()
+    f = _rmd17(tmp_path / "rmd17_toy.npz")
+    plain = MD17Source(f, train=10, valid=5, energy_offset=0.0)
+    assert plain.describe()["input_units"]["from"]["energy"] == "rMD17 convention (no unit fields)"
+    ev = MD17Source(f, train=10, valid=5, energy_offset=0.0, energy_unit="eV")
+    frame = int(ev.frame_indices("valid")[0])
+    np.testing.assert_allclose(next(ev.iter_split("valid")).y, [E[frame] * EV], rtol=1e-6)
+    assert ev.describe()["input_units"]["from"]["energy"] == "--energy-unit"
+    with pytest.raises(SourceError, match=r"--length-unit: unknown length unit 'furlong'"):
+        MD17Source(f, train=10, valid=5, length_unit="furlong")
+    g = _sgdml(tmp_path / "md17_toy.npz", e_unit=np.array("kcal/mol"))
+    with pytest.raises(SourceError, match=r"e_unit field says 'kcal/mol' .* --energy-unit is 'eV'"):
+        MD17Source(g, train=10, valid=5, energy_unit="eV")
+    from graphormer_ext.preprocess import main
+
+    out = tmp_path / "lmdb"
+    assert main(["md17", "--path", str(f), "--train", "10", "--valid", "5", "--energy-unit",
+                 "hartree", "--length-unit", "bohr", "--out", str(out), "--workers", "1",
+                 "--no-progress"]) == 0  # fmt: skip
+    meta = LMDBDataset(out / "train.lmdb").meta["source"]["describe"]["input_units"]
+    assert (meta["length"], meta["energy"], meta["forces"]) == ("bohr", "hartree", "hartree/bohr")
+
+
 def test_file_errors(tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, z=np.array([1, 1]), R=np.zeros((3, 2, 3)), energy=np.zeros(3))
@@ -149,8 +229,12 @@ def test_file_errors(tmp_path):
     np.savez(shape, z=z, R=R, E=E, F=F[:, :3])
     with pytest.raises(SourceError, match="'F' has shape"):
         MD17Source(shape)
-    with pytest.raises(SourceError, match="e_unit"):
-        MD17Source(_sgdml(tmp_path / "ev.npz", e_unit=np.array("eV")))
+    odd = _sgdml(tmp_path / "odd.npz", e_unit=np.array("kcal"))
+    with pytest.raises(SourceError, match=r"odd.npz field e_unit: unknown energy unit 'kcal'; "
+                       r"known: kcal/mol .*hartree.*--energy-unit overrides it"):  # fmt: skip
+        MD17Source(odd, train=10, valid=5)
+    fixed = MD17Source(odd, train=10, valid=5, energy_unit="kcal/mol")
+    assert "not recognised" in fixed.describe()["input_units"]["from"]["energy"]
     with pytest.raises(SourceError, match="not found"):
         MD17Source(tmp_path / "missing.npz")
     with pytest.raises(SourceError, match="pass molecule="):
