@@ -1,6 +1,31 @@
 # Shared mechanics of the recipes in this folder (sourced, never run): preprocessing check,
 # dry run, saving the resolved command. Hyperparameters live in the recipes themselves.
-# Needs: DRY_RUN, PYTHON, PREPROCESS_BIN set by the caller.
+# Needs: DRY_RUN, PYTHON, PREPROCESS_BIN set by the caller (CPU for recipe_if_cpu).
+
+# The preprocessing command a recipe ran (or would run), saved with the training command by
+# recipe_save_command; empty unless the recipe sets it.
+RECIPE_PREPROCESS_CMD=()
+
+# recipe_if_cpu CPU_VALUE GPU_VALUE: the first with CPU=1, else the second (for the
+# defaults of a recipe's CPU-sized demo: ARCH=${ARCH:-$(recipe_if_cpu small base)}).
+recipe_if_cpu() {
+    if [[ "${CPU:-0}" == 1 ]]; then echo "$1"; else echo "$2"; fi
+}
+
+# recipe_opt ARRAY FLAG VALUE: append "FLAG VALUE" to the array named ARRAY when VALUE is
+# set (size variables whose empty default means "the architecture preset's value").
+recipe_opt() {
+    local -n _recipe_arr=$1
+    if [[ -n "$3" ]]; then _recipe_arr+=("$2" "$3"); fi
+}
+
+# recipe_num_entries LMDB: records in an LMDB split (from its meta record), for the
+# schedules computed from the dataset size.
+recipe_num_entries() {
+    "$PYTHON" -c 'import sys
+from graphormer_ext.data.lmdb_dataset import LMDBDataset
+print(len(LMDBDataset(sys.argv[1])))' "$1"
+}
 
 # Print a command on one line, shell-quoted (copy-pasteable).
 recipe_quote() {

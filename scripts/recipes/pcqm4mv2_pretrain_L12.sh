@@ -16,7 +16,8 @@
 #   SAVE_DIR       checkpoints, train.log, tsb/ and command.sh (the resolved commands).
 #                  Rerunning with the same SAVE_DIR resumes from checkpoint_last.pt.
 # Env     : every variable below overrides its default; DRY_RUN=1 prints the resolved
-#           commands and runs nothing.
+#           commands and runs nothing; CPU=1 trains on CPU (--cpu, no fp16; smoke runs and
+#           tests with tiny sizes, e.g. N_GPU=1 LAYERS=2 EMBED_DIM=16 TOTAL_UPDATES=4).
 #
 # Shortest paths: new runs use PATH_CONVENTION=fixed (Graphormer's corrected path-edge
 # reconstruction). The released checkpoints were trained on the legacy paths of the original
@@ -26,7 +27,12 @@
 # whole molecules.
 set -euo pipefail
 
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=_lib.sh
+source "$HERE/_lib.sh"
+
 # --- hyperparameters (released train.sh, spec §2.1) -------------------------------------
+CPU=${CPU:-0}
 N_GPU=${N_GPU:-4}
 BATCH_SIZE=${BATCH_SIZE:-256}            # per GPU
 UPDATE_FREQ=${UPDATE_FREQ:-1}
@@ -53,7 +59,7 @@ ADAM_BETAS=${ADAM_BETAS:-"(0.9, 0.999)"}
 ADAM_EPS=${ADAM_EPS:-1e-8}
 WEIGHT_DECAY=${WEIGHT_DECAY:-0.0}
 CLIP_NORM=${CLIP_NORM:-5.0}
-FP16=${FP16:-1}
+FP16=${FP16:-$(recipe_if_cpu 0 1)}
 SEED=${SEED:-1}
 DDP_BACKEND=${DDP_BACKEND:-legacy_ddp}
 NUM_WORKERS=${NUM_WORKERS:-16}
@@ -68,10 +74,6 @@ TORCHRUN=${TORCHRUN:-torchrun}
 TRAIN_BIN=${TRAIN_BIN:-transformer-m-train}
 PREPROCESS_BIN=${PREPROCESS_BIN:-graphormer-ext-preprocess}
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=_lib.sh
-source "$HERE/_lib.sh"
-
 if (($# < 3)); then
     sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//' >&2
     exit 2
@@ -84,6 +86,7 @@ recipe_ensure_lmdb "$ROOT" "$LMDB_DIR" "$PATH_CONVENTION" "$PREPROCESS_WORKERS" 
 flags=()
 [[ "$FP16" == 1 ]] && flags+=(--fp16)
 [[ "$LEGACY_DROPPATH" == 1 ]] && flags+=(--legacy-droppath)
+[[ "$CPU" == 1 ]] && flags+=(--cpu --distributed-backend gloo)
 cmd=(
     "$TORCHRUN" --standalone --nproc_per_node "$N_GPU" "$(recipe_which "$TRAIN_BIN")"
     --task graph_prediction --criterion graph_prediction --arch "$ARCH" --num-classes 1

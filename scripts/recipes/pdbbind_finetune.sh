@@ -26,10 +26,15 @@
 #   PRETRAINED_CKPT  checkpoint to fine-tune from (ignored when SAVE_DIR has checkpoint_last.pt)
 #   SAVE_DIR         checkpoints, train.log, tsb/ and command.sh (the resolved commands)
 # Env     : every variable below overrides its default; DRY_RUN=1 prints the resolved
-#           commands and runs nothing. TARGET_MEAN/TARGET_STD default to the train.lmdb label
-#           statistics (meta record).
+#           commands and runs nothing; CPU=1 trains on CPU (--cpu, no fp16). TARGET_MEAN/
+#           TARGET_STD default to the train.lmdb label statistics (meta record).
 set -euo pipefail
 
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=_lib.sh
+source "$HERE/_lib.sh"
+
+CPU=${CPU:-0}
 # --- data ----------------------------------------------------------------------------------
 PDBBIND_VERSION=${PDBBIND_VERSION:-2016}
 CUTOFF=${CUTOFF:-5.0}                    # Å around the ligand heavy atoms
@@ -64,7 +69,7 @@ WEIGHT_DECAY=${WEIGHT_DECAY:-0.0}
 CLIP_NORM=${CLIP_NORM:-5.0}
 BATCH_SIZE=${BATCH_SIZE:-16}
 UPDATE_FREQ=${UPDATE_FREQ:-1}
-FP16=${FP16:-1}
+FP16=${FP16:-$(recipe_if_cpu 0 1)}
 SEED=${SEED:-1}
 NUM_WORKERS=${NUM_WORKERS:-4}
 # --- tools -----------------------------------------------------------------------------------
@@ -73,10 +78,6 @@ PYTHON=${PYTHON:-python}
 TRAIN_BIN=${TRAIN_BIN:-transformer-m-train}
 PREPROCESS_BIN=${PREPROCESS_BIN:-graphormer-ext-preprocess}
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=_lib.sh
-source "$HERE/_lib.sh"
-
 if (($# < 4)); then
     sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//' >&2
     exit 2
@@ -84,7 +85,6 @@ fi
 ROOT=$1 LMDB_DIR=$2 PRETRAINED=$3 SAVE_DIR=$4
 shift 4
 
-RECIPE_PREPROCESS_CMD=()
 if [[ ! -f "$LMDB_DIR/train.lmdb" || ! -f "$LMDB_DIR/valid.lmdb" || ! -f "$LMDB_DIR/test.lmdb" ]]
 then
     RECIPE_PREPROCESS_CMD=("$PREPROCESS_BIN" pdbbind --root "$ROOT" --out "$LMDB_DIR"
@@ -118,6 +118,7 @@ fi
 
 flags=()
 [[ "$FP16" == 1 ]] && flags+=(--fp16)
+[[ "$CPU" == 1 ]] && flags+=(--cpu)
 cmd=(
     "$(recipe_which "$TRAIN_BIN")"
     --task graph_prediction --dataset-name custom --data-path "$LMDB_DIR"

@@ -20,7 +20,8 @@
 #                    pcqm4mv2_pretrain_L12.sh). NO_PRETRAIN=1 trains from scratch instead.
 #   LMDB_DIR         train/valid/test.lmdb (graphormer-ext-preprocess qm9pack; reused)
 #   SAVE_DIR         checkpoints, train.log, command.sh. Rerunning resumes checkpoint_last.pt.
-# Env     : every variable below overrides its default; DRY_RUN=1 prints the resolved commands.
+# Env     : every variable below overrides its default; DRY_RUN=1 prints the resolved commands;
+#           CPU=1 trains on CPU (--cpu; smoke runs and tests with tiny sizes and N_GPU=1).
 #
 # Architecture. The release fine-tunes with --arch transformer_m (Post-LN, no embedding LN,
 # ReLU, no BERT init) from the special L12-old.pt, while its pre-training used
@@ -32,7 +33,12 @@
 # §1.15.1, fixed).
 set -euo pipefail
 
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=_lib.sh
+source "$HERE/_lib.sh"
+
 # --- hyperparameters (released finetune_qm9.sh, spec §2.2) -------------------------------
+CPU=${CPU:-0}
 N_GPU=${N_GPU:-1}
 BATCH_SIZE=${BATCH_SIZE:-128}            # per GPU
 TASK_IDX=${TASK_IDX:-2}                  # 2 = HOMO, 3 = LUMO, 4 = gap
@@ -71,10 +77,6 @@ TORCHRUN=${TORCHRUN:-torchrun}
 TRAIN_BIN=${TRAIN_BIN:-transformer-m-train}
 PREPROCESS_BIN=${PREPROCESS_BIN:-graphormer-ext-preprocess}
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=_lib.sh
-source "$HERE/_lib.sh"
-
 if (($# < 3)); then
     sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//' >&2
     exit 2
@@ -82,7 +84,6 @@ fi
 CKPT=$1 LMDB_DIR=$2 SAVE_DIR=$3
 shift 3
 
-RECIPE_PREPROCESS_CMD=()
 if [[ ! -f "$LMDB_DIR/train.lmdb" || ! -f "$LMDB_DIR/valid.lmdb" || ! -f "$LMDB_DIR/test.lmdb" ]]
 then
     if [[ -n "$QM9_RAW_DIR" ]]; then
@@ -124,8 +125,9 @@ cmd=(
     --batch-size "$BATCH_SIZE" --seed "$SEED" --distributed-world-size "$N_GPU"
     --valid-subset valid,test --save-interval "$SAVE_INTERVAL"
     --num-workers "$NUM_WORKERS" --save-dir "$SAVE_DIR" --log-file "$SAVE_DIR/train.log"
-    "$@"
 )
+[[ "$CPU" == 1 ]] && cmd+=(--cpu --distributed-backend gloo)
+cmd+=("$@")
 
 if [[ "$DRY_RUN" == 1 ]]; then
     recipe_quote "${cmd[@]}"
