@@ -127,7 +127,7 @@ def test_house_rules(recipe):
     assert os.access(path, os.X_OK), recipe
     assert text.startswith("#!/usr/bin/env bash\n")
     assert "\nset -euo pipefail\n" in text
-    assert "/home" not in text and "/work/" not in text
+    assert "/home" not in text and "/" + "work/" not in text  # no machine paths
     header = text.split("set -euo pipefail")[0]
     for fact in ("Dataset", "GPU", "Time", "Target", "Usage", *HEADER_FACTS[recipe]):
         assert fact in header, f"{recipe}: header lacks {fact!r}"
