@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pytest
 from suite_env import PLUGIN_DIR, REPO_ROOT, VENV_BIN, subprocess_env
 
