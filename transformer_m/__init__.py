@@ -2,8 +2,14 @@
 
 Importing this package registers the task ``graph_prediction``, the criterion
 ``graph_prediction``, the model ``Transformer-M``, the architectures ``transformer_m``,
-``transformer_m_base`` and ``transformer_m_small``, and the optimizer ``fused_adam``.
+``transformer_m_base`` and ``transformer_m_small``, and the optimizer ``fused_adam``. It also
+routes fairseq's checkpoint reads (``--restore-file``, ``--finetune-from-model``,
+``fairseq-validate --path``, ...) through the project's weights-only loader
+(:mod:`transformer_m.checkpoint`); that has to happen here, because ``fairseq-validate`` opens its
+checkpoint before any task or model of ours is built.
 """
-from . import criterions, models, optim, tasks  # noqa: F401  (registration)
+from . import checkpoint, criterions, models, optim, tasks  # noqa: F401  (registration)
 
-__all__ = ["criterions", "models", "optim", "tasks"]
+checkpoint.install_fairseq_loader()
+
+__all__ = ["checkpoint", "criterions", "models", "optim", "tasks"]

@@ -52,9 +52,9 @@ def _bin(name: str) -> str:
 
 def checkpoint_model_args(path: str) -> tuple[list[str], bool]:
     """fairseq flags reproducing a checkpoint's architecture, and whether it has a 3D channel."""
-    import torch
+    from transformer_m.checkpoint import load_checkpoint_file
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint_file(path, what="--pretrained")  # weights only
     model = dict(state["cfg"]["model"]) if state.get("cfg") else vars(state["args"])
     arch = model.get("_name") or model.get("arch")
     flags = ["--arch", str(arch)]
@@ -145,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = list(args.fairseq_args)
     if extra and extra[0] == "--":
         extra = extra[1:]
+    # an unreadable or unsafe --pretrained stops the run before any work
+    pretrained = checkpoint_model_args(args.pretrained) if args.pretrained else None
     out = Path(args.out)
     lmdb_dir, ckpt_dir = out / "lmdb", out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
@@ -195,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 2. fine-tune ---------------------------------------------------------------------
     if args.pretrained:
-        model, ckpt_3d = checkpoint_model_args(args.pretrained)
+        model, ckpt_3d = pretrained
         model += ["--finetune-from-model", args.pretrained]
     else:
         model, ckpt_3d = ["--arch", args.arch, "--add-3d"], True

@@ -11,10 +11,10 @@ Two kinds of checkpoint are supported:
   featurize their inputs with ``path_convention="legacy"``
   (``graphormer-ext-preprocess ... --path-convention legacy``).
 
-Every ``torch.load`` here runs with ``weights_only=True``: a checkpoint may hold
-tensors, containers and primitives, plus ``argparse.Namespace`` (the legacy fairseq
-``args``; the released files may hold one), and nothing else. Opening a checkpoint
-never runs code from it.
+Every checkpoint is read by :func:`transformer_m.checkpoint.load_checkpoint_file`
+(``weights_only=True``): tensors, containers and primitives, plus the data-only classes of
+its allow-list (``argparse.Namespace``: the legacy fairseq ``args`` the released files
+hold), and nothing else. Opening a checkpoint never runs code from it.
 
 :func:`predict` collates records with :class:`graphormer_ext.data.collator.Collator`
 and returns the graph-token outputs. The model runs its 3D channel for a whole batch as
@@ -24,7 +24,6 @@ neighbours.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from typing import Any, Iterable, Mapping, Sequence
@@ -35,6 +34,7 @@ import torch
 import transformer_m  # noqa: F401  (registers task, criterion and model first)
 from graphormer_ext.data import keys as K
 from graphormer_ext.data.collator import Collator
+from transformer_m.checkpoint import CheckpointLoadError, load_checkpoint_file
 from transformer_m.modules import TransformerMNet
 
 logger = logging.getLogger(__name__)
@@ -81,48 +81,9 @@ RELEASED_ARCHS: dict[str, dict[str, Any]] = {
 _RELEASED_LAYERS = (12, 18)
 
 
-class CheckpointLoadError(RuntimeError):
-    """A checkpoint cannot be read safely or does not fit the model."""
-
-
-def _torch_load(
-    path: str | os.PathLike, extra_safe_globals: Sequence[type] = ()
-) -> Any:
-    """``torch.load`` on CPU with ``weights_only=True`` and an explicit allow-list."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        with torch.serialization.safe_globals(list(extra_safe_globals)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError, RuntimeError (not a zip), ...
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # not a torch zip file: the original error says why
-            unsafe = []
-        allowed = {f"{t.__module__}.{t.__qualname__}" for t in extra_safe_globals}
-        unsafe = [g for g in unsafe if g not in allowed]
-        hint = (
-            f" It references Python objects that are not allow-listed: {unsafe}. "
-            "Only tensors, containers, primitives and argparse.Namespace are read; if "
-            "you trust the file, re-save just its 'model' state dict."
-            if unsafe
-            else ""
-        )
-        raise CheckpointLoadError(
-            f"cannot load {path} with weights_only=True ({type(exc).__name__}: "
-            f"{_reason(exc)}).{hint}"
-        ) from exc
-
-
-def _reason(exc: BaseException) -> str:
-    """The informative line of a ``torch.load`` error."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for line in lines:
-        if "WeightsUnpickler error:" in line:
-            reason = line.split("WeightsUnpickler error:", 1)[1].strip()
-            return reason.split(". Please")[0]
-    return lines[0] if lines else repr(exc)
+def _torch_load(path: str | os.PathLike) -> Any:
+    """The project's weights-only loader (:func:`transformer_m.checkpoint.load_checkpoint_file`)."""
+    return load_checkpoint_file(path)
 
 
 def load_model(
@@ -156,8 +117,7 @@ def load_model(
     from omegaconf import OmegaConf
 
     path = os.fspath(checkpoint_path)
-    # Namespace: the legacy fairseq "args" entry (a released file is rejected below).
-    state = _torch_load(path, extra_safe_globals=(argparse.Namespace,))
+    state = _torch_load(path)  # a released file (no cfg) is rejected below
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointLoadError(
             f"{path} is not a fairseq checkpoint (no 'model' entry)"
@@ -184,8 +144,8 @@ def load_released_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     """The model state dict of a released checkpoint (``ckpt["model"]``).
 
     The released files were saved by the fairseq fork of lsj2408/Transformer-M; besides
-    tensors they may hold an ``argparse.Namespace`` (``args``), the one class allowed
-    while unpickling (``weights_only=True``).
+    tensors they may hold an ``argparse.Namespace`` (``args``), on the loader's allow-list
+    (``weights_only=True``).
 
     Args:
         path: ``L12.pt``, ``L18.pt`` or ``L12-old.pt``.
@@ -199,7 +159,7 @@ def load_released_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
         CheckpointLoadError: not loadable with ``weights_only=True`` (the message lists
             the classes it references), or no ``model`` state dict inside.
     """
-    ckpt = _torch_load(path, extra_safe_globals=(argparse.Namespace,))
+    ckpt = _torch_load(path)
     state = ckpt.get("model") if isinstance(ckpt, dict) else None
     if not isinstance(state, Mapping) or not all(
         isinstance(v, torch.Tensor) for v in state.values()

@@ -228,7 +228,7 @@ def test_load_model_rejects_released_and_unsafe_files(tmp_path, inference_releas
 
     bad = tmp_path / "bad.pt"
     torch.save({"model": {}, "cfg": {}, "extra": InferencePayload()}, bad)
-    with pytest.raises(CheckpointLoadError, match="not allow-listed"):
+    with pytest.raises(CheckpointLoadError, match="outside the allow-list"):
         load_model(bad)
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "missing.pt")
@@ -256,7 +256,7 @@ def test_load_released_state_dict_weights_only(tmp_path, inference_released):
 
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"args": InferencePayload(), "model": net.state_dict()}, unsafe)
-    with pytest.raises(CheckpointLoadError, match="not allow-listed"):
+    with pytest.raises(CheckpointLoadError, match="outside the allow-list"):
         load_released_state_dict(unsafe)
 
     smaller = TransformerMNet(**dict(INFERENCE_TINY_NET, num_layers=1))

@@ -475,7 +475,7 @@ def test_finetune_from_pretrained_then_validate_and_user_pipeline(
     (rec_test,) = json_records(out["validate"], "test")
     assert math.isfinite(float(rec_test["test_mae_meV"]))
     state = torch.load(tmp_path / "ft" / "checkpoint_best.pt", map_location="cpu",
-                       weights_only=False)
+                       weights_only=True)
     assert state["task_state"]["task_idx"] == 2 and state["task_state"]["target_std"] > 0
 
     # the one-command user pipeline: preprocess (conformers) -> fine-tune -> validate

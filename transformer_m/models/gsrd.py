@@ -13,7 +13,6 @@ published quirks are reproduced; each can also be set on its own.
 """
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -163,9 +162,9 @@ class GsrdModel(BaseFairseqModel):
         ``model.encoder.`` or ``model._orig_mod.encoder.`` keys). Raises ``RuntimeError`` when no
         tensor (or less than ``min_fraction`` of the encoder's tensors) loads.
         """
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--pretrained-encoder {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        from transformer_m.checkpoint import load_checkpoint_file
+
+        state = load_checkpoint_file(path, what="--pretrained-encoder")  # weights only
         if isinstance(state, dict) and "model" in state:
             state = state["model"]
         elif isinstance(state, dict) and "state_dict" in state:
