@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,9 +43,12 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "RELEASED_ARCHS",
     "CheckpointLoadError",
+    "OutputSpec",
+    "Predictor",
     "build_released_model",
     "has_3d_channel",
     "load_model",
+    "load_predictor",
     "load_released_model",
     "load_released_state_dict",
     "model_max_hops",
@@ -95,7 +99,8 @@ def load_model(
 
     Task and model are rebuilt from the checkpoint's ``cfg`` (the training data need not
     exist) and the weights are loaded strictly. The model is returned in eval mode, in
-    float32, on ``device``.
+    float32, on ``device``. :func:`load_predictor` also gives the predictions in label
+    units.
 
     Args:
         checkpoint_path: a checkpoint written by ``fairseq-train`` with this plugin.
@@ -112,6 +117,21 @@ def load_model(
         CheckpointLoadError: the file does not load with ``weights_only=True``, or it
             has no ``cfg`` (a released checkpoint: use :func:`load_released_model`).
     """
+    model, cfg, _task = _load_fairseq(checkpoint_path, device, arg_overrides)
+    return model, cfg
+
+
+def _load_fairseq(
+    checkpoint_path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    arg_overrides: Mapping[str, Any] | None = None,
+):
+    """:func:`load_model`, plus the task.
+
+    Returns:
+        ``(model, cfg, task)``; the task holds the checkpoint's ``task_state`` (training
+        statistics, data facts).
+    """
     from fairseq import checkpoint_utils
     from fairseq.dataclass.utils import overwrite_args_by_name
     from omegaconf import OmegaConf
@@ -120,7 +140,8 @@ def load_model(
     state = _torch_load(path)  # a released file (no cfg) is rejected below
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointLoadError(
-            f"{path} is not a fairseq checkpoint (no 'model' entry)"
+            f"{path} is not a fairseq checkpoint (no 'model' entry); pass a "
+            "checkpoint_*.pt written by fairseq-train / transformer-m-train"
         )
     if state.get("cfg") is None:
         raise CheckpointLoadError(
@@ -133,11 +154,11 @@ def load_model(
         overwrite_args_by_name(cfg, dict(arg_overrides))
     state["cfg"] = cfg
     state["args"] = None  # fairseq would prefer a legacy Namespace over cfg
-    models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task(
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
         [path], state=state, strict=True
     )
     model = models[0].float().to(device).eval()
-    return model, cfg
+    return model, cfg, task
 
 
 def load_released_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -314,8 +335,9 @@ def predict(
     device: str | torch.device | None = None,
     progress: bool = False,
     pad_multiple: int = 1,
+    readout: str = "cls",
 ) -> np.ndarray:
-    """Graph-token predictions for stored records, in the order given.
+    """Raw model outputs (graph token, or the ``readout``) for stored records, in order.
 
     Records are read in chunks of ``batch_size``; inside a chunk, records with non-zero
     positions and records without (or with all-zero) positions form separate batches,
@@ -333,10 +355,15 @@ def predict(
         device: where batches go (default: the model's device).
         progress: show a tqdm bar over chunks.
         pad_multiple: pad the token count to this multiple (1: no extra padding).
+        readout: ``cls`` (graph token), ``mean`` or ``sum`` over the atoms (the
+            ``--readout-type`` of ``graph_prediction_qm9``).
 
     Returns:
-        float32 ``[M, C]`` (eV for the PCQM4Mv2 gap); row ``i`` is ``records[i]``.
+        float32 ``[M, C]``, the model's scale (for label units use :class:`Predictor`,
+        which applies the training standardisation); row ``i`` is ``records[i]``.
     """
+    from transformer_m.tasks.graph_prediction_qm9 import readout as apply_readout
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model.eval()
@@ -366,10 +393,175 @@ def predict(
             batch = collators[with_3d](group)
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(batch)[0]  # [B, N+1, C]
-            pred = logits[:, 0, :].float().cpu().numpy()  # [B, C] graph token
+            atoms = batch[K.X][:, :, 0].ne(K.PAD)  # [B, N] real atoms
+            pred = apply_readout(logits.float(), atoms, readout).cpu().numpy()  # [B, C]
             if outputs is None:
                 outputs = np.full((n, pred.shape[1]), np.nan, dtype=np.float32)
             outputs[batch[K.IDX].cpu().numpy()] = pred
     if outputs is None:
         return np.zeros((0, 1), dtype=np.float32)
     return outputs
+
+
+# --- predictions in label units -----------------------------------------------------
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in str(text)).strip("_")
+
+
+@dataclass
+class OutputSpec:
+    """How a model's raw outputs become predictions in the label's units.
+
+    Attributes:
+        kind: ``regression``, ``binary`` (one logit) or ``multiclass`` (K logits).
+        targets: one name per regression output (one for classification).
+        units: the unit of each target (``None``: unknown).
+        readout: ``cls``, ``mean`` or ``sum`` (see :func:`predict`).
+        mean, std: label = raw × std + mean (the training standardisation; 0 and 1 without).
+    """
+
+    kind: str
+    targets: list
+    units: list = field(default_factory=list)
+    readout: str = "cls"
+    mean: float = 0.0
+    std: float = 1.0
+
+    def _label(self, i: int) -> str:
+        unit = self.units[i] if i < len(self.units) else None
+        name = _safe_name(self.targets[i])
+        return f"{name}_{_safe_name(unit)}" if unit else name
+
+    def columns(self, num_outputs: int) -> list[str]:
+        """Names of the prediction columns for a model with ``num_outputs`` outputs."""
+        if self.kind == "regression":
+            return [self._label(i) if i < len(self.targets) else f"y{i}"
+                    for i in range(num_outputs)]
+        name = self._label(0)
+        if self.kind == "binary":
+            return [name, f"{name}_prob"]
+        return [name, *(f"{name}_prob{k}" for k in range(num_outputs))]
+
+    def convert(self, raw: np.ndarray) -> dict[str, np.ndarray]:
+        """``{column: values}`` in label units from raw outputs ``[M, C]``.
+
+        Regression: ``raw * std + mean``. Binary: the class (0/1, threshold 0.5) and
+        P(class 1). Multiclass: the arg-max class and every class probability.
+        """
+        raw = np.asarray(raw, dtype=np.float64)
+        cols = self.columns(raw.shape[1])
+        if self.kind == "regression":
+            values = raw * self.std + self.mean
+            return {c: values[:, i] for i, c in enumerate(cols)}
+        if self.kind == "binary":
+            prob = 1.0 / (1.0 + np.exp(-raw[:, 0]))
+            return {cols[0]: (raw[:, 0] > 0).astype(np.float64), cols[1]: prob}
+        z = raw - raw.max(axis=1, keepdims=True)
+        prob = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        out = {cols[0]: raw.argmax(axis=1).astype(np.float64)}
+        out.update({c: prob[:, k] for k, c in enumerate(cols[1:])})
+        return out
+
+
+def output_spec(cfg: Any, task: Any) -> OutputSpec:
+    """The :class:`OutputSpec` of a checkpoint from its config and task state.
+
+    ``graph_prediction_qm9``: ``--loss-type`` decides the kind, ``--std-type`` the
+    standardisation (``std_logits`` and ``std_labels`` both predict standardised values),
+    ``--readout-type`` the readout; the target's name and unit come from the checkpoint's
+    data facts. ``affinity_regression``: the criterion's ``--target-mean/--target-std``.
+    ``graph_prediction``: the raw graph-token outputs, named after the stored targets.
+    """
+    facts = getattr(task, "data_facts", None) or {}
+    names = list(facts.get("targets") or [])
+    units = list(facts.get("units") or [None] * len(names))
+    tcfg = cfg.task
+    if hasattr(tcfg, "loss_type"):  # graph_prediction_qm9
+        name, unit = str(task.target_name), getattr(task, "target_unit", None)
+        kind = {"BCE": "binary", "CE": "multiclass"}.get(tcfg.loss_type, "regression")
+        mean, std = task.statistics() if kind == "regression" else (0.0, 1.0)
+        return OutputSpec(kind, [name], [unit], tcfg.readout_type, float(mean), float(std))
+    crit = cfg.criterion
+    if getattr(crit, "_name", None) == "affinity_regression":
+        return OutputSpec("regression", names or ["affinity"], units,
+                          mean=float(crit.target_mean), std=float(crit.target_std))
+    return OutputSpec("regression", names or ["prediction"], units)
+
+
+@dataclass
+class Predictor:
+    """A loaded model with what it needs to predict in label units.
+
+    Attributes:
+        model: the network (eval mode).
+        spec: the :class:`OutputSpec`.
+        facts: the data facts of its training data (:mod:`transformer_m.data_facts`;
+            empty for checkpoints written before they were stored).
+        channels: the input channels it was trained with (``modes``, ``needs_3d``, ...).
+        uses_positions: whether positions reach the model: the task passes them and its
+            3D channel was trained on them (an untrained 3D channel would add noise, so a
+            model trained without positions predicts every molecule in 2D).
+    """
+
+    model: torch.nn.Module
+    spec: OutputSpec
+    facts: dict = field(default_factory=dict)
+    channels: dict = field(default_factory=dict)
+    uses_positions: bool = True
+
+    def predict(
+        self,
+        records: Sequence[Mapping[str, np.ndarray]],
+        batch_size: int = 64,
+        *,
+        device: str | torch.device | None = None,
+        progress: bool = False,
+    ) -> dict[str, np.ndarray]:
+        """``{column: float64 [M]}`` in label units (see :meth:`OutputSpec.convert`)."""
+        if not self.uses_positions:
+            records = [{k: v for k, v in r.items() if k != K.POS} for r in records]
+        raw = predict(self.model, records, batch_size=batch_size, device=device,
+                      progress=progress, readout=self.spec.readout)
+        if len(records) == 0:
+            return {c: np.zeros(0) for c in self.spec.columns(1)}
+        return self.spec.convert(raw)
+
+
+RELEASED_SPEC = OutputSpec("regression", ["homolumogap"], ["eV"])
+# L12/L18 were pre-trained on PCQM4Mv2 with 3D for every training molecule and the mode
+# draw 0.2/0.2/0.6 (spec §2.1): every input mode is in distribution.
+RELEASED_CHANNELS = {"2d": True, "3d": True, "modes": ["2D+3D", "2D", "3D"], "needs_3d": False}
+RELEASED_FACTS = {"path_convention": "legacy", "max_hops": 5, "remove_hs": True}
+
+
+def load_predictor(
+    checkpoint_path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    *,
+    released: Optional[tuple[int, str]] = None,
+) -> Predictor:
+    """Load a checkpoint for predictions in label units.
+
+    Args:
+        checkpoint_path: one of our fairseq checkpoints, or a released file.
+        device: where to put the model.
+        released: ``(layers, arch)`` of a released checkpoint (``L12.pt``: ``(12,
+            "transformer_m_base")``); ``None`` for ours.
+
+    Returns:
+        the :class:`Predictor`.
+
+    Raises:
+        FileNotFoundError, CheckpointLoadError: see :func:`load_model`.
+    """
+    if released is not None:
+        layers, arch = released
+        model = load_released_model(checkpoint_path, layers, arch=arch, device=device)
+        return Predictor(model, RELEASED_SPEC, dict(RELEASED_FACTS), dict(RELEASED_CHANNELS))
+    model, cfg, task = _load_fairseq(checkpoint_path, device)
+    facts = dict(getattr(task, "data_facts", None) or {})
+    channels = task.trained_channels() if hasattr(task, "trained_channels") else None
+    if channels is None:
+        channels = {"2d": True, "3d": has_3d_channel(model), "modes": [], "needs_3d": False}
+    uses = bool(getattr(task, "uses_positions", True)) and bool(channels.get("3d"))
+    return Predictor(model, output_spec(cfg, task), facts, dict(channels), uses_positions=uses)

@@ -1,30 +1,39 @@
-"""``transformer-m-predict``: HOMO-LUMO gap (eV) of molecules from SMILES, SDF or XYZ.
+"""``transformer-m-predict``: predictions of a Transformer-M checkpoint for SMILES, SDF or XYZ.
 
 Examples::
 
     transformer-m-predict --checkpoint ckpt/checkpoint_best.pt --smiles CCO c1ccccc1
     transformer-m-predict --checkpoint ckpt/checkpoint_best.pt --smiles CCO --conformer
-    transformer-m-predict --checkpoint ckpt/checkpoint_best.pt --sdf ligands.sdf
+    transformer-m-predict --checkpoint ckpt/checkpoint_best.pt --sdf ligands.sdf --out pred.csv
     transformer-m-predict --checkpoint L12.pt --released L12 --xyz water.xyz
 
-Output (stdout, tab-separated, after a header): one line per input molecule with
-``id``, ``mode`` and ``gap_ev``; SMILES first, then SMILES files, SDF and XYZ files,
-each in command-line order. ``mode`` is ``2D`` (graph only: SMILES, or a flat SDF
-depiction) or ``3D`` (positions from the file or from ``--conformer`` reach the model's
-3D channel, which runs only on non-zero positions). An input that cannot be used gets
-the line ``id  ERROR  reason`` and the others are still predicted; the exit code is
-then 1.
+Output: a table (tab-separated on stdout by default; ``--out FILE`` writes a file, CSV
+for ``.csv``; both quoted where needed, so a tab or comma in a molecule title cannot
+shift the columns) with one row per input molecule: ``id``, ``mode``, the prediction
+columns, ``error``. Predictions are in the units of the label the model was trained on
+(the training standardisation of ``--std-type std_logits/std_labels`` undone) and named
+after it (``logS``, ``homo_eV``, ``homolumogap_eV`` for PCQM4Mv2 and the released
+files); classifiers give the class and its probability (``active``, ``active_prob``).
+Rows follow the inputs: SMILES first, then SMILES files, SDF and XYZ files, each in
+command-line order. ``mode`` is ``2D`` (graph only) or ``3D`` (positions reach the
+model's 3D channel). An input that cannot be used gets ``mode`` ``ERROR`` and the reason
+in ``error``; the others are still predicted, and the exit code is then 1.
 
-Featurization is the training one (:func:`graphormer_ext.featurize.pipeline.
-featurize_record`): heavy atoms only, OGB features, shortest-path edges with
-``--path-convention`` (default ``fixed``; ``legacy`` for the released checkpoints).
+The checkpoint decides how inputs are featurized: the training data's path convention,
+path hops and hydrogens (stored in the checkpoint; a different ``--path-convention`` or
+``--max-hops`` is refused unless ``--allow-data-mismatch``), and its input channels. A
+model trained on 3D input only gets an RDKit ETKDG+MMFF conformer for every input
+without coordinates (``--no-conformer`` refuses those inputs instead); both are said on
+stderr. Featurization is the training one (:func:`graphormer_ext.featurize.pipeline.
+featurize_record`).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -35,7 +44,7 @@ from graphormer_ext.sources.base import MoleculeError, SourceError, SourceRecord
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Item", "generate_conformer", "main", "read_inputs"]
+__all__ = ["Item", "generate_conformer", "main", "read_inputs", "write_table"]
 
 # --released name -> (layers, arch) of transformer_m.inference.build_released_model
 _RELEASED = {
@@ -54,15 +63,19 @@ class Item:
         record: the stored record (``None`` if featurization failed).
         error: why the molecule cannot be predicted (``None`` if it can).
         note: a remark printed to stderr (e.g. a flat SDF read as 2D).
+        conformer: a conformer was generated for it.
     """
 
     ident: str
     record: dict | None = None
     error: str | None = None
     note: str | None = None
+    conformer: bool = False
 
 
-def generate_conformer(smiles: str, item: str, seed: int = 0, max_iters: int = 500):
+def generate_conformer(
+    smiles: str, item: str, seed: int = 0, max_iters: int = 500, keep_hs: bool = False
+):
     """An RDKit ETKDG conformer of a SMILES, MMFF-relaxed, hydrogens removed afterwards.
 
     Embedding uses ETKDGv3 with ``randomSeed=seed`` (deterministic); if it fails it is
@@ -74,6 +87,7 @@ def generate_conformer(smiles: str, item: str, seed: int = 0, max_iters: int = 5
         item: origin used in error messages.
         seed: embedding seed.
         max_iters: MMFF iterations.
+        keep_hs: keep the explicit hydrogens (models trained with hydrogens, e.g. QM9).
 
     Returns:
         a MOL block (V2000, heavy atoms in SMILES order, coordinates in Å).
@@ -104,7 +118,7 @@ def generate_conformer(smiles: str, item: str, seed: int = 0, max_iters: int = 5
             )
         if AllChem.MMFFHasAllMoleculeParams(mol_h):
             AllChem.MMFFOptimizeMolecule(mol_h, maxIters=int(max_iters))
-    return Chem.MolToMolBlock(Chem.RemoveHs(mol_h))
+    return Chem.MolToMolBlock(mol_h if keep_hs else Chem.RemoveHs(mol_h))
 
 
 def _is_3d_block(block: str, item: str) -> bool:
@@ -195,43 +209,78 @@ def read_inputs(
             )
 
 
+def _smiles_of_block(block: str, item: str) -> str:
+    from rdkit import Chem
+
+    from graphormer_ext.featurize.molecules import mol_from_molblock
+
+    return Chem.MolToSmiles(mol_from_molblock(block, item))
+
+
+def _explicit_h_block(smiles: str, item: str) -> str:
+    """A MOL block with explicit hydrogens and no coordinates (2D input of a model
+    trained with hydrogens, e.g. QM9)."""
+    from rdkit import Chem
+
+    from graphormer_ext.featurize.molecules import mol_from_smiles
+
+    return Chem.MolToMolBlock(Chem.AddHs(mol_from_smiles(smiles, item)))
+
+
 def featurize(ident: str, rec: SourceRecord, args: argparse.Namespace) -> Item:
     """Featurize one input into an :class:`Item` (errors are caught per molecule).
 
-    SMILES get a generated conformer with ``args.conformer``; an SDF record is read in
-    3D when it has 3D coordinates and in 2D when it is a flat depiction.
+    Inputs without coordinates (SMILES, flat SDF depictions) get a generated conformer
+    when ``args.conformer`` is ``"always"``, or ``"needed"`` and the model needs 3D input;
+    with ``"never"`` such an input of a 3D-only model is an error. ``args.remove_hs``,
+    ``args.max_hops`` and ``args.path_convention`` follow the checkpoint.
     """
-    from dataclasses import replace
-
     from graphormer_ext.featurize.pipeline import featurize_record
 
     note = None
+    conformer = False
     try:
-        if rec.kind == "smiles" and args.conformer:
-            block = generate_conformer(rec.text, rec.item, seed=args.seed)
-            rec = replace(rec, kind="molblock", text=block, use_3d=True)
-        elif rec.kind == "molblock":
-            use_3d = _is_3d_block(rec.text, rec.item)
-            if not use_3d:
-                note = f"{ident}: the SDF record has flat 2D coordinates; read as 2D"
-            rec = replace(rec, use_3d=use_3d)
+        has_3d = rec.kind == "xyz"
+        if rec.kind == "molblock":
+            has_3d = _is_3d_block(rec.text, rec.item)
+            rec = replace(rec, use_3d=has_3d)
+        if not has_3d and args.conformer in ("always", "needed"):
+            if args.conformer == "always" or args.needs_3d:
+                smiles = rec.text if rec.kind == "smiles" else _smiles_of_block(
+                    rec.text, rec.item)
+                block = generate_conformer(smiles, rec.item, seed=args.seed,
+                                           keep_hs=not args.remove_hs)
+                rec = replace(rec, kind="molblock", text=block, use_3d=True)
+                has_3d = conformer = True
+        if not has_3d and args.needs_3d:
+            return Item(ident, error=(
+                f"the model was trained on 3D input only ({args.channels_text}) and this "
+                "input has no 3D coordinates; give an SDF/XYZ with coordinates, or drop "
+                "--no-conformer to generate an RDKit conformer"))
+        if rec.kind == "molblock" and not has_3d:
+            note = f"{ident}: the SDF record has flat 2D coordinates; read as 2D"
+        if rec.kind == "smiles" and not args.remove_hs:
+            rec = replace(rec, kind="molblock", text=_explicit_h_block(rec.text, rec.item),
+                          use_3d=False)
         record = featurize_record(
-            rec, max_hops=args.max_hops, path_convention=args.path_convention
+            rec, max_hops=args.max_hops, path_convention=args.path_convention,
+            remove_hs=args.remove_hs,
         )
     except MoleculeError as exc:
         return Item(ident, error=exc.reason)
     except (ValueError, SourceError) as exc:
         return Item(ident, error=str(exc))
-    return Item(ident, record=record, note=note)
+    return Item(ident, record=record, note=note, conformer=conformer)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``transformer-m-predict`` argument parser."""
     p = argparse.ArgumentParser(
         prog="transformer-m-predict",
-        description="Predict the HOMO-LUMO gap (eV) with a Transformer-M checkpoint. "
-        "SMILES are predicted in 2D mode (graph only) unless --conformer is given; SDF "
-        "and XYZ coordinates are used in 3D mode.",
+        description="Predict with a Transformer-M checkpoint, in the units of the label it "
+        "was trained on. Inputs with coordinates (SDF, XYZ, --conformer) use the 3D "
+        "channel; SMILES are 2D unless the model was trained on 3D input only, in which "
+        "case a conformer is generated (or, with --no-conformer, the input is refused).",
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint (.pt)")
     p.add_argument(
@@ -257,10 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="XYZ files, Å (bonds perceived by RDKit; 3D coordinates used)",
     )
-    p.add_argument(
+    conf = p.add_mutually_exclusive_group()
+    conf.add_argument(
         "--conformer",
         action="store_true",
-        help="generate an RDKit ETKDG+MMFF conformer for each SMILES (3D mode)",
+        help="generate an RDKit ETKDG+MMFF conformer for every input without coordinates "
+        "(3D mode); by default only when the model was trained on 3D input only",
+    )
+    conf.add_argument(
+        "--no-conformer",
+        action="store_true",
+        help="never generate conformers: inputs without coordinates of a 3D-only model are "
+        "refused (ERROR rows)",
     )
     p.add_argument("--seed", type=int, default=0, help="conformer embedding seed")
     p.add_argument(
@@ -270,28 +327,91 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=64, help="molecules per forward pass"
     )
     p.add_argument(
-        "--max-hops", type=int, default=5, help="shortest-path hops featurized"
+        "--max-hops",
+        type=int,
+        default=None,
+        help="shortest-path hops featurized (default: the checkpoint's training data, 5)",
     )
     p.add_argument(
         "--path-convention",
         choices=("fixed", "legacy"),
         default=None,
-        help="shortest-path edge convention of the training data (default: legacy "
-        "with --released, else fixed)",
+        help="shortest-path edge convention (default: the checkpoint's training data; "
+        "legacy with --released; fixed for checkpoints that do not say)",
+    )
+    p.add_argument(
+        "--allow-data-mismatch",
+        action="store_true",
+        help="featurize with --path-convention/--max-hops even when they differ from the "
+        "checkpoint's training data (a warning instead of an error)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="write the table to this file (.csv: comma-separated, else tab-separated) "
+        "instead of stdout",
+    )
+    p.add_argument(
+        "--format",
+        choices=("tsv", "csv"),
+        default=None,
+        help="table format (default: from --out's extension, tsv on stdout)",
     )
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     return p
 
 
-def _load(args: argparse.Namespace):
-    from transformer_m.inference import load_model, load_released_model
+def _featurization_settings(args: argparse.Namespace, predictor) -> list[str]:
+    """Fill ``args`` from the checkpoint's data facts; return refusal messages (if any).
 
-    if args.released:
-        layers, arch = _RELEASED[args.released]
-        return load_released_model(
-            args.checkpoint, layers, arch=arch, device=args.device
-        )
-    return load_model(args.checkpoint, device=args.device)[0]
+    An explicit ``--path-convention``/``--max-hops`` that differs from the checkpoint is
+    refused (a warning with ``--allow-data-mismatch``); so is a checkpoint trained with
+    another featurizer version.
+    """
+    from graphormer_ext.featurize.pipeline import FEATURIZER_VERSION
+    from transformer_m.data_facts import check_facts, describe_channels
+
+    facts = predictor.facts
+    wanted = {"path_convention": args.path_convention, "max_hops": args.max_hops,
+              "featurizer_version": FEATURIZER_VERSION}
+    for name, default in (("path_convention", "fixed"), ("max_hops", 5)):
+        if getattr(args, name) is None:
+            setattr(args, name, facts.get(name) or default)
+    ckpt_version = facts.get("featurizer_version")
+    if ckpt_version and "/" in str(ckpt_version) and str(ckpt_version).split("/")[0] != (
+            FEATURIZER_VERSION.split("/")[0]):
+        wanted["featurizer_version"] = None  # other featurizer family (PDBbind, ...)
+    errors = []
+    try:
+        check_facts(facts, wanted, expected_from=f"the training data of {args.checkpoint}",
+                    found_from="this featurization", allow=False)
+    except ValueError as exc:
+        if not args.allow_data_mismatch:
+            errors.append(str(exc))
+        else:  # stderr: stdout holds the table
+            print(f"warning: {exc} (going on: --allow-data-mismatch)", file=sys.stderr)
+    args.remove_hs = facts.get("remove_hs") is not False
+    channels = predictor.channels
+    args.needs_3d = bool(channels.get("needs_3d"))
+    args.channels_text = describe_channels(channels) if channels.get("modes") else "unknown"
+    args.conformer = "always" if args.conformer else (
+        "never" if args.no_conformer else "needed")
+    return errors
+
+
+def write_table(
+    fh, items: list[Item], columns: list[str], values: dict, modes: dict, fmt: str
+) -> None:
+    """Write the prediction table (``csv`` or ``tsv``, quoted where needed)."""
+    writer = csv.writer(fh, delimiter="," if fmt == "csv" else "\t", lineterminator="\n")
+    writer.writerow(["id", "mode", *columns, "error"])
+    for it in items:
+        if it.record is None:
+            reason = " ".join(str(it.error).split())  # one line
+            writer.writerow([it.ident, "ERROR", *([""] * len(columns)), reason])
+        else:
+            row = values[id(it)]
+            writer.writerow([it.ident, modes[id(it)], *(f"{v:.6g}" for v in row), ""])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,56 +422,69 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         the exit code: 0, 1 if any input could not be predicted, 2 if the checkpoint
-        cannot be loaded (argparse exits with 2 on bad usage).
+        cannot be loaded or the featurization contradicts it (argparse exits with 2 on
+        bad usage).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not (args.smiles or args.smiles_file or args.sdf or args.xyz):
         parser.error("give molecules with --smiles, --smiles-file, --sdf or --xyz")
-    if args.path_convention is None:
-        args.path_convention = "legacy" if args.released else "fixed"
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger().setLevel(logging.WARNING)  # fairseq's import may set INFO
+    from transformer_m.inference import CheckpointLoadError, load_predictor, record_mode
+
+    try:
+        predictor = load_predictor(
+            args.checkpoint, device=args.device,
+            released=_RELEASED.get(args.released) if args.released else None,
+        )
+    except (OSError, CheckpointLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    errors = _featurization_settings(args, predictor)
+    if errors:
+        for msg in errors:
+            print(f"error: {msg}", file=sys.stderr)
+        return 2
 
     items = [
         Item(ident, error=rec) if isinstance(rec, str) else featurize(ident, rec, args)
         for ident, rec in read_inputs(args)
     ]
-    from transformer_m.inference import (
-        CheckpointLoadError,
-        has_3d_channel,
-        predict,
-        record_mode,
-    )
-
-    try:
-        model = _load(args)
-    except (OSError, CheckpointLoadError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
+    generated = [it.ident for it in items if it.conformer]
+    if generated:
+        why = (f"the model was trained on 3D input only ({args.channels_text})"
+               if args.conformer == "needed" else "--conformer")
+        print(f"note: {why}: generated RDKit ETKDG+MMFF conformers for {len(generated)} "
+              "input(s) without coordinates"
+              + ("; --no-conformer refuses them instead" if args.conformer == "needed"
+                 else ""), file=sys.stderr)
     good = [it for it in items if it.record is not None]
-    preds = predict(model, [it.record for it in good], batch_size=args.batch_size)
-    gap = {id(it): float(p[0]) for it, p in zip(good, preds)}  # eV
-    if any(K.POS in it.record for it in good) and not has_3d_channel(model):
+    preds = predictor.predict([it.record for it in good], batch_size=args.batch_size)
+    columns = list(preds)
+    values = {id(it): [float(preds[c][i]) for c in columns] for i, it in enumerate(good)}
+    modes = {id(it): record_mode(it.record, predictor.model) if predictor.uses_positions
+             else "2D" for it in good}
+    with_pos = [it for it in good if K.POS in it.record]
+    if with_pos and not predictor.uses_positions:
         print(
-            "warning: the checkpoint has no 3D channel (trained without --add-3d): "
-            "coordinates are ignored and every molecule is predicted in 2D",
+            "warning: the checkpoint was not trained with 3D input (no 3D channel, or no "
+            "coordinates reached it in training): coordinates are ignored and every "
+            "molecule is predicted in 2D",
             file=sys.stderr,
         )
-
-    print("id\tmode\tgap_ev")
     for it in items:
         if it.note:
             print(f"note: {it.note}", file=sys.stderr)
-        if it.record is None:
-            reason = " ".join(str(it.error).split())  # one line, no tabs
-            print(f"{it.ident}\tERROR\t{reason}")
-        else:
-            mode = record_mode(it.record, model)
-            print(f"{it.ident}\t{mode}\t{gap[id(it)]:.4f}")
+    fmt = args.format or ("csv" if (args.out or "").lower().endswith(".csv") else "tsv")
+    if args.out:
+        with open(args.out, "w", newline="", encoding="utf-8") as fh:
+            write_table(fh, items, columns, values, modes, fmt)
+        print(f"wrote {len(items)} rows to {args.out}", file=sys.stderr)
+    else:
+        write_table(sys.stdout, items, columns, values, modes, fmt)
     failed = sum(it.record is None for it in items)
     if failed:
         print(

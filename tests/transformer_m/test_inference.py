@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import io
 import json
 import logging
 from pathlib import Path
@@ -52,7 +53,8 @@ INFERENCE_TINY_NET = dict(
 WATER_XYZ = (
     "3\nwater\nO 0.000 0.000 0.117\nH 0.000 0.757 -0.467\nH 0.000 -0.757 -0.467\n"
 )
-HEADER = "id\tmode\tgap_ev"
+# a checkpoint without stored data facts: the output is not named after a target
+HEADER = ["id", "mode", "prediction", "error"]
 
 
 class InferencePayload:
@@ -279,13 +281,15 @@ def test_build_released_model_sizes():
 
 # --- transformer-m-predict ----------------------------------------------------------
 def _run_predict(capsys, argv):
+    """Exit code, rows as ``[id, mode, value or error]``, stderr."""
     from transformer_m.predict import main
 
     code = main(argv)
     out = capsys.readouterr()
-    lines = out.out.strip().splitlines()
-    assert lines[0] == HEADER
-    return code, [line.split("\t") for line in lines[1:]], out.err
+    table = list(csv.reader(io.StringIO(out.out), delimiter="\t"))
+    assert table[0] == HEADER
+    rows = [[r[0], r[1], r[3] if r[1] == "ERROR" else r[2]] for r in table[1:]]
+    return code, rows, out.err
 
 
 def test_predict_cli_inputs(tmp_path, capsys, inference_checkpoint):

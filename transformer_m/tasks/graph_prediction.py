@@ -3,6 +3,7 @@
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -15,7 +16,9 @@ from graphormer_ext.data import keys
 from graphormer_ext.data.base import GraphDataset
 from graphormer_ext.data.collator import Collator
 from graphormer_ext.data.lmdb_dataset import LMDBDataset
+from transformer_m.data_facts import check_facts, split_facts, trained_channels
 from transformer_m.modules.host_plan import add_host_plan
+from transformer_m.modules.utils import parse_mode_prob
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,14 @@ class GraphPredictionConfig(FairseqDataclass):
         default="multi_hop", metadata={"help": "path-edge bias along shortest paths, or bonds only"}
     )
     max_positions: int = field(default=512, metadata={"help": "kept for compatibility"})
+    allow_data_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "go on (with a warning) when splits, or the checkpoint and the data, differ "
+            "in path convention, max hops, featurizer version or hydrogens; by default that "
+            "is an error"
+        },
+    )
     seed: int = II("common.seed")
 
 
@@ -171,6 +182,12 @@ class GraphPredictionTask(FairseqTask):
         super().__init__(cfg)
         if cfg.num_classes <= 0:
             raise ValueError(f"--num-classes must be > 0, got {cfg.num_classes}")
+        # data facts (transformer_m.data_facts): from the first split loaded, or the checkpoint
+        self.data_facts: Optional[dict] = None
+        self.facts_from: Optional[str] = None
+        self.channels: Optional[dict] = None  # from the checkpoint, else built in state_dict
+        self._model_channels: Optional[dict] = None  # add_3d / no_2d / mode draw of the model
+        self._train_has_3d: Optional[bool] = None
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
@@ -178,8 +195,29 @@ class GraphPredictionTask(FairseqTask):
             raise ValueError("--data-path is required (directory with <split>.lmdb files)")
         return cls(cfg)
 
+    def check_split(self, split: str, records: LMDBDataset) -> None:
+        """Record the split's data facts, or refuse a split built differently from the first
+        one loaded (or from the checkpoint's training data); see :mod:`transformer_m.data_facts`.
+        """
+        facts = split_facts(records.meta, self.cfg.multi_hop_max_dist)
+        where = f"split {split!r} ({records.path})"
+        if self.data_facts is None:
+            self.data_facts, self.facts_from = facts, where
+        else:
+            check_facts(self.data_facts, facts, expected_from=self.facts_from, found_from=where,
+                        allow=self.cfg.allow_data_mismatch)
+        if split == "train":
+            stats = records.meta.get("stats") or {}
+            self._train_has_3d = bool(stats.get("with_pos")) and self.uses_positions
+
+    @property
+    def uses_positions(self) -> bool:
+        """Whether the collator passes stored positions to the model."""
+        return self.cfg.dataset_name != "PCQM4M-LSC-V2"
+
     def load_dataset(self, split, combine=False, **kwargs):
         records = LMDBDataset(split_path(self.cfg.data_path, split))
+        self.check_split(split, records)
         meta = records.meta
         stored_hops = int(meta.get("max_hops", self.cfg.multi_hop_max_dist))
         if 0 < stored_hops < self.cfg.multi_hop_max_dist:
@@ -194,7 +232,7 @@ class GraphPredictionTask(FairseqTask):
         collator = Collator(
             max_hops=self.cfg.multi_hop_max_dist,
             pad_multiple=self.cfg.pad_to_multiple,
-            with_pos=self.cfg.dataset_name != "PCQM4M-LSC-V2",
+            with_pos=self.uses_positions,
         )
         is_train = split == "train"
         if is_train and self.cfg.dataset_name == "PCQM4M-LSC-V2-TOY":
@@ -203,6 +241,50 @@ class GraphPredictionTask(FairseqTask):
             records, collator, shuffle=is_train, seed=self.cfg.seed, max_atoms=self.cfg.max_nodes
         )
         self.datasets[split] = GraphPredictionDataset(graphs, self.cfg.pack_multiple)
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        self._model_channels = {
+            "add_3d": bool(getattr(cfg, "add_3d", False)),
+            "no_2d": bool(getattr(cfg, "no_2d", False)),
+            "mode_prob": getattr(cfg, "mode_prob", None),
+            "mode_masking": self.mode_masking,
+        }
+        return model
+
+    @property
+    def mode_masking(self) -> bool:
+        """Whether the model draws a 2D/3D/2D+3D mode per molecule in training."""
+        return True
+
+    def trained_channels(self) -> Optional[dict]:
+        """The input channels the model was trained with (``None`` before a model exists)."""
+        if self.channels is not None:
+            return self.channels
+        if self._model_channels is None:
+            return None
+        mc = self._model_channels
+        probs = parse_mode_prob(mc["mode_prob"]) if mc["mode_prob"] else None
+        return trained_channels(add_3d=mc["add_3d"], no_2d=mc["no_2d"], mode_prob=probs,
+                                mode_masking=mc["mode_masking"],
+                                train_has_3d=self._train_has_3d)
+
+    def state_dict(self):
+        """Saved in every checkpoint (``task_state``): the data facts and channels."""
+        state = dict(super().state_dict())
+        if self.data_facts is not None:
+            state["data"] = dict(self.data_facts, channels=self.trained_channels())
+        return state
+
+    def load_state_dict(self, state_dict):
+        """Read back the training data's facts (``fairseq-validate``, predict)."""
+        super().load_state_dict({k: v for k, v in (state_dict or {}).items() if k != "data"})
+        data = (state_dict or {}).get("data")
+        if data:
+            data = dict(data)
+            self.channels = data.pop("channels", None)
+            self.data_facts = data
+            self.facts_from = "the checkpoint's training data"
 
     def max_positions(self):
         return self.cfg.max_nodes

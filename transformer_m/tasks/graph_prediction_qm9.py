@@ -265,6 +265,7 @@ class GraphPredictionQM9Task(GraphPredictionTask):
 
     def load_dataset(self, split, combine=False, **kwargs):
         records = LMDBDataset(split_path(self.cfg.data_path, split))
+        self.check_split(split, records)
         self._describe_target(records)
         n_targets = int((records.meta.get("stats") or {}).get("num_targets") or 0)
         if n_targets == 0:
@@ -298,16 +299,35 @@ class GraphPredictionQM9Task(GraphPredictionTask):
                 logger.info("--load-qm9: 2D/3D training-mode masking off")
         return model
 
+    @property
+    def mode_masking(self) -> bool:
+        return not self.cfg.load_qm9
+
     # --- checkpointed task state: the training statistics ----------------------------------
     def state_dict(self):
-        """Saved in every checkpoint (``task_state``), read back by ``fairseq-validate``."""
-        return {
+        """Saved in every checkpoint (``task_state``), read back by ``fairseq-validate``: the
+        training statistics, the data facts and the target (name, unit, mean, std)."""
+        state = super().state_dict()
+        state.update({
             "task_idx": int(self.cfg.task_idx),
             "target_mean": self.cfg.target_mean,
             "target_std": self.cfg.target_std,
-        }
+        })
+        if "data" in state:
+            state["data"]["target"] = {
+                "index": int(self.cfg.task_idx), "name": self.target_name,
+                "unit": self.target_unit, "mean": self.cfg.target_mean,
+                "std": self.cfg.target_std, "loss_type": str(self.cfg.loss_type),
+                "std_type": str(self.cfg.std_type),  # ChoiceEnum members do not pickle
+            }
+        return state
 
     def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        target = (self.data_facts or {}).get("target") or {}
+        if target.get("index") == self.cfg.task_idx:  # until a split describes it again
+            self.target_name = str(target.get("name") or self.target_name)
+            self.target_unit = target.get("unit")
         if not state_dict or int(state_dict.get("task_idx", -1)) != int(self.cfg.task_idx):
             return
         if self.cfg.target_mean is None and state_dict.get("target_mean") is not None:
