@@ -481,9 +481,12 @@ def test_finetune_from_pretrained_then_validate_and_user_pipeline(
     # the one-command user pipeline: preprocess (conformers) -> fine-tune -> validate
     summary = json.loads((tmp_path / "user" / "summary.json").read_text())
     assert summary["target"] == "active" and summary["task_idx"] == 1
-    assert summary["channels"] == "3d"
+    assert summary["channels"] == "2d3d"  # auto with 3D data and a 3D checkpoint
     for split in ("valid", "test"):
         assert 0.0 <= float(summary[split][f"{split}_accuracy"]) <= 1.0
+        for predictor in ("Transformer-M", "majority class", "RF on RDKit descriptors"):
+            assert set(summary["scores"][predictor][split]) >= {"accuracy", "roc_auc", "pr_auc"}
+    assert (tmp_path / "user" / "roc_test.png").read_bytes()[:4] == b"\x89PNG"
     assert "Removing encoder.embed_out.weight" in (tmp_path / "user" / "train.log").read_text()
 
 
