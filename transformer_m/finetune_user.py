@@ -520,7 +520,7 @@ def _main(argv: Sequence[str] | None) -> int:
         model, ckpt_3d = list(pretrained[0]), pretrained[1]
         model += ["--finetune-from-model", args.pretrained]
     else:
-        model, ckpt_3d = ["--arch", args.arch, "--add-3d"], True
+        model, ckpt_3d = ["--arch", args.arch], True
     data_3d = bool((LMDBDataset(lmdb_dir / "train.lmdb").meta.get("stats") or {}).get("with_pos"))
     channels = args.channels
     if channels == "auto":
@@ -528,8 +528,12 @@ def _main(argv: Sequence[str] | None) -> int:
     if channels in ("3d", "2d3d") and not (data_3d and ckpt_3d):
         raise UserError(f"--channels {channels} needs 3D data (--conformers or an SDF) and a "
                         "model with a 3D channel")
+    if not pretrained and channels != "2d":
+        model.append("--add-3d")  # from scratch: a 3D channel only when it is trained
     if channels == "3d":
         model.append("--no-2d")
+    if channels == "2d" and data_3d:
+        model.append("--no-3d-input")  # the positions stay in the LMDB, unused
     if args.kind == "regression":
         loss = ["--loss-type", "L2", "--std-type", "std_logits", "--num-classes", "1"]
     elif args.kind == "binary":

@@ -362,3 +362,19 @@ def test_predict_table_quotes_titles(tmp_path, capsys, units_data):
         back = list(csv.DictReader(f))
     assert [r["id"] for r in back] == ["tab\there", 'comma, "quote"']
     assert set(back[0]) == {"id", "mode", "y", "error"}
+
+
+def test_no_3d_input_trains_and_predicts_2d_on_3d_data(tmp_path, capsys, units_data):
+    """--no-3d-input: positions stay in the LMDB but never reach the model (2D channels)."""
+    data = units_data["3d"]
+    ckpt = make_checkpoint(tmp_path / "c.pt", data, *QM9_TASK, "--loss-type", "L1",
+                           "--std-type", "no_std", "--add-3d", "--no-3d-input")
+    channels = torch.load(ckpt, weights_only=True)["task_state"]["data"]["channels"]
+    assert channels["modes"] == ["2D"] and not channels["3d"]
+    stats = run_validate(ckpt, data)
+    smiles, y = valid_smiles_and_labels(data)
+    code, rows, err = run_predict(capsys, ckpt, "--smiles", *smiles, "--conformer")
+    assert code == 0 and {r["mode"] for r in rows} == {"2D"}
+    assert "coordinates are ignored" in err
+    pred = np.array([float(r["y"]) for r in rows])
+    assert np.abs(pred - y[:, 0]).mean() == pytest.approx(stats["valid_mae"], abs=2e-4)

@@ -65,6 +65,10 @@ class GraphPredictionConfig(FairseqDataclass):
         default="multi_hop", metadata={"help": "path-edge bias along shortest paths, or bonds only"}
     )
     max_positions: int = field(default=512, metadata={"help": "kept for compatibility"})
+    no_3d_input: bool = field(
+        default=False,
+        metadata={"help": "ignore stored 3D positions: the model sees the 2D graph only"},
+    )
     allow_data_mismatch: bool = field(
         default=False,
         metadata={
@@ -213,7 +217,7 @@ class GraphPredictionTask(FairseqTask):
     @property
     def uses_positions(self) -> bool:
         """Whether the collator passes stored positions to the model."""
-        return self.cfg.dataset_name != "PCQM4M-LSC-V2"
+        return self.cfg.dataset_name != "PCQM4M-LSC-V2" and not self.cfg.no_3d_input
 
     def load_dataset(self, split, combine=False, **kwargs):
         records = LMDBDataset(split_path(self.cfg.data_path, split))

@@ -274,7 +274,7 @@ class GraphPredictionQM9Task(GraphPredictionTask):
         collator = Collator(
             max_hops=self.cfg.multi_hop_max_dist,
             pad_multiple=self.cfg.pad_to_multiple,
-            with_pos=True,
+            with_pos=self.uses_positions,
         )
         is_train = split == "train"
         graphs = GraphDataset(
