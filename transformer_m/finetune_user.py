@@ -155,6 +155,10 @@ def _preprocess_argv(args: argparse.Namespace, lmdb_dir: Path) -> list[str]:
     if args.csv:
         pre = ["csv", "--path", args.csv, "--smiles-column", args.smiles_column,
                "--label-columns", args.label_columns]
+        if args.id_column:
+            pre += ["--id-column", args.id_column]
+        if args.delimiter:
+            pre += ["--delimiter", args.delimiter]
         if args.split_column:
             pre += ["--split-column", args.split_column]
         if args.conformers:
@@ -179,6 +183,7 @@ def _built_from(meta: Mapping) -> dict:
         "path": str(Path(path).resolve()) if path else None,
         "labels": pa.get("label_columns") or pa.get("label_properties"),
         "smiles_column": pa.get("smiles_column"),
+        "id_column": pa.get("id_column"),
         "split": pa.get("split_column") or pa.get("split_property"),
         "fractions": [float(f) for f in pa.get("split_fractions") or []],
         "seed": pa.get("seed"),
@@ -193,6 +198,7 @@ def _wanted(args: argparse.Namespace) -> dict:
         "path": str(Path(args.csv or args.sdf).resolve()),
         "labels": args.label_columns,
         "smiles_column": args.smiles_column if args.csv else None,
+        "id_column": args.id_column if args.csv else None,
         "split": args.split_column,
         "fractions": [float(f) for f in args.split_fractions],
         "seed": args.split_seed,
@@ -214,7 +220,6 @@ def prepare_data(args: argparse.Namespace, out: Path) -> Path:
         if train.exists() and not args.overwrite:
             built, wanted = _built_from(LMDBDataset(train).meta), _wanted(args)
             differ = [f"{k}: {built[k]!r} (wanted {wanted[k]!r})" for k in wanted
-                      if k != "smiles_column" or wanted[k] is not None
                       if built.get(k) != wanted[k]]
             if differ:
                 raise UserError(
@@ -299,43 +304,33 @@ def check_labels(kind: str, num_classes: int, y: np.ndarray, target: str) -> Non
                             f"{target!r} (--num-classes {num_classes}), found {bad}")
 
 
-def _as_text(value) -> Optional[str]:
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind in "SU" or value.dtype == object:
-            return str(value.reshape(-1)[0]) if value.size else ""
-        return value.astype(np.uint8).tobytes().decode("utf-8", "replace")
-    return str(value)
+def split_molecules(lmdb_dir: Path, split: str) -> tuple[list, list, list, str]:
+    """SMILES, ids and source rows of a split's records, in key order, and where from.
 
-
-def split_molecules(lmdb_dir: Path, split: str) -> tuple[list, list, str]:
-    """SMILES and ids of a split's records, in key order, and where they came from.
-
-    Read from the records when they store them; otherwise from the source file named in the
-    meta record (CSV/SDF, the same split rule), matched by the records' source index. ``None``
-    entries (and the reason) when neither is possible.
+    Read from the records' provenance keys (the CSV/SDF sources store the input SMILES, the
+    file line or SDF record and the ``--id-column`` value); for splits written before that,
+    re-read from the source file named in the meta record (same split rule), matched by the
+    records' source index. ``None`` entries (and the reason) when neither is possible.
     """
-    from graphormer_ext.data import keys as K
     from graphormer_ext.data.lmdb_dataset import LMDBDataset
+    from graphormer_ext.data.provenance import record_provenance
 
     ds = LMDBDataset(lmdb_dir / f"{split}.lmdb")
-    smiles_key, id_key = getattr(K, "SMILES", None), getattr(K, "MOL_ID", None)
-    if len(ds) and smiles_key and smiles_key in ds[0]:
-        smiles = [_as_text(ds[i].get(smiles_key)) for i in range(len(ds))]
-        ids = [_as_text(ds[i].get(id_key)) if id_key else None for i in range(len(ds))]
-        return smiles, [i if i else s for i, s in zip(ids, smiles)], "records"
-    none = [None] * len(ds)
     pa = ds.meta.get("preprocess_args") or {}
+    name = Path(pa.get("path") or "input").name
+    prov = [record_provenance(ds[i]) for i in range(len(ds))]
+    if prov and all(p["smiles"] is not None for p in prov):
+        ids = [p["source_id"] or (f"{name}:{p['source_row']}" if p["source_row"] else None)
+               for p in prov]
+        return ([p["smiles"] for p in prov], ids, [p["source_row"] for p in prov],
+                "stored with the records")
+    none = [None] * len(ds)
     if pa.get("command") not in ("csv", "sdf") or not pa.get("path"):
-        return none, none, "the records store no SMILES and the source is not a CSV/SDF"
+        return none, none, none, "the records store no SMILES and the source is not a CSV/SDF"
     try:
-        source = _rebuild_source(pa)
-        recs = list(source.iter_split(split))
-    except Exception as exc:  # the file moved, or the reader changed: report, do not fail
-        return none, none, f"cannot re-read {pa.get('path')}: {exc}"
+        recs = list(_rebuild_source(pa).iter_split(split))
+    except Exception as exc:  # the file moved, or its reader changed: report, do not fail
+        return none, none, none, f"cannot re-read {pa.get('path')}: {exc}"
     smiles, ids = [], []
     for k in ds.source_index.tolist():
         rec = recs[k]
@@ -346,7 +341,7 @@ def split_molecules(lmdb_dir: Path, split: str) -> tuple[list, list, str]:
             title = rec.text.lstrip("\n").split("\n", 1)[0].strip()
             smiles.append(_molblock_smiles(rec.text))
             ids.append(title or rec.item)
-    return smiles, ids, f"re-read from {pa.get('path')}"
+    return smiles, ids, none, f"re-read from {pa.get('path')}"
 
 
 def _rebuild_source(pa: Mapping):
@@ -420,6 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--lmdb", help="a folder of <split>.lmdb written by graphormer-ext-preprocess "
                      "(reused as is: no preprocessing)")
     p.add_argument("--smiles-column", default="smiles", help="CSV SMILES column")
+    p.add_argument("--id-column", default=None,
+                   help="CSV column with a molecule ID (kept with each record, written to the "
+                   "per-molecule predictions)")
+    p.add_argument("--delimiter", default=None,
+                   help="CSV field separator (default: detected; see graphormer-ext-preprocess "
+                   "csv --help)")
     p.add_argument("--label-columns", default=None,
                    help="comma-separated label columns (CSV) or properties (SDF), all stored; "
                    "required with --csv/--sdf")
@@ -643,7 +644,7 @@ def report(args, out: Path, lmdb_dir: Path, best: Path, y: Mapping[str, np.ndarr
     if args.no_forest:
         forest_note = "skipped (--no-forest)"
     elif any(m[0] and all(x is None for x in m[0]) for m in mols.values()):
-        forest_note = "skipped: " + next(m[2] for m in mols.values() if all(
+        forest_note = "skipped: " + next(m[3] for m in mols.values() if all(
             x is None for x in m[0]))
     else:
         print(f"fitting the baseline: random forest (500 trees) on RDKit descriptors, "
@@ -655,17 +656,18 @@ def report(args, out: Path, lmdb_dir: Path, best: Path, y: Mapping[str, np.ndarr
               for name, per in predictors.items()}
     files = {}
     for split in evaluated:
-        smiles, ids, _ = mols[split]
+        smiles, ids, lines, _ = mols[split]
         rows = []
         for i in range(len(y[split])):
-            row = {"split": split, "index": i, "id": ids[i], "smiles": smiles[i],
+            row = {"split": split, "index": i, "source_row": lines[i], "id": ids[i],
+                   "smiles": smiles[i],
                    "y_true": float(y[split][i]), "y_pred": float(ours[split][0][i])}
             if kind == "binary":
                 row["prob"] = float(ours[split][1][i])
             if FOREST in predictors:
                 row["rf_pred"] = float(predictors[FOREST][split][0][i])
             rows.append(row)
-        columns = ["split", "index", "id", "smiles", "y_true", "y_pred"]
+        columns = ["split", "index", "source_row", "id", "smiles", "y_true", "y_pred"]
         columns += ["prob"] if kind == "binary" else []
         columns += ["rf_pred"] if FOREST in predictors else []
         path = out / f"predictions_{split}.csv"
@@ -693,7 +695,7 @@ def report(args, out: Path, lmdb_dir: Path, best: Path, y: Mapping[str, np.ndarr
     for name, path in files.items():
         print(f"{name}: {path}", flush=True)
     return {"scores": scores, "verdict": text, "forest": forest_note or "fitted",
-            "molecules_from": {s: m[2] for s, m in mols.items()}, "files": files,
+            "molecules_from": {s: m[3] for s, m in mols.items()}, "files": files,
             "report_table": table}
 
 

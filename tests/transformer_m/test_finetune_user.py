@@ -78,7 +78,8 @@ def user_run(tmp_path_factory):
     data = write_user_csv(tmp / "mols.csv")
     out = tmp / "run"
     argv = ["bash", str(SCRIPT), "--csv", str(data), "--smiles-column", "smiles",
-            "--label-columns", "logS", "--split-column", "split", "--out", str(out),
+            "--label-columns", "logS", "--split-column", "split", "--id-column", "name",
+            "--out", str(out),
             "--workers", "1", "--max-epoch", "3", "--batch-size", "8", "--cpu", "--", *TINY]
     proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=clean_env(tmp), cwd=tmp, timeout=TIMEOUT)
@@ -110,8 +111,11 @@ def test_script_writes_checkpoint_report_and_files(user_run):
     with open(out / "predictions_test.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     with open(data, newline="") as fh:
-        test_smiles = [r["smiles"] for r in csv.DictReader(fh) if r["split"] == "test"]
-    assert [r["smiles"] for r in rows] == test_smiles
+        test_rows = [(line, r) for line, r in enumerate(csv.DictReader(fh), start=2)
+                     if r["split"] == "test"]
+    assert [r["smiles"] for r in rows] == [r["smiles"] for _, r in test_rows]
+    assert [r["id"] for r in rows] == [r["name"] for _, r in test_rows]  # --id-column
+    assert [int(r["source_row"]) for r in rows] == [line for line, _ in test_rows]
     assert all(math.isfinite(float(r["y_pred"])) and r["rf_pred"] for r in rows)
 
 
