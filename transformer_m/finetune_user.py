@@ -106,32 +106,6 @@ def checkpoint_model_args(path: str) -> tuple[list[str], bool]:
     return flags, bool(model.get("add_3d"))
 
 
-def default_threads(
-    environ: Optional[Mapping[str, str]] = None,
-    cpu_count: Optional[int] = None,
-    load: Optional[float] = None,
-) -> tuple[int, str]:
-    """The thread count for training on CPU, and why.
-
-    ``OMP_NUM_THREADS`` wins when set. Otherwise one thread on a small (at most 4 cores) or busy
-    (1-minute load above half the cores) machine, where oversubscribed torch threads ran a job
-    4x slower than one; else the cores not already busy.
-    """
-    environ = os.environ if environ is None else environ
-    if environ.get("OMP_NUM_THREADS", "").strip().isdigit():
-        n = max(1, int(environ["OMP_NUM_THREADS"]))
-        return n, "OMP_NUM_THREADS"
-    cores = cpu_count or os.cpu_count() or 1
-    if load is None:
-        try:
-            load = os.getloadavg()[0]
-        except (AttributeError, OSError):  # no load average on this platform
-            load = 0.0
-    if cores <= 4 or load > cores / 2:
-        return 1, f"{cores} cores, load {load:.1f}"
-    return max(1, min(cores, int(cores - load))), f"{cores} cores, load {load:.1f}"
-
-
 def _label_list(text: Optional[str]) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
@@ -491,6 +465,8 @@ def _main(argv: Sequence[str] | None) -> int:
             raise UserError("--label-columns is required with --csv/--sdf (comma-separated)")
         resolve_target(args.target, labels, "--label-columns")
     pretrained = checkpoint_model_args(args.pretrained) if args.pretrained else None
+    from transformer_m.threads import default_threads
+
     threads, why = (args.threads, "--threads") if args.threads else default_threads()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONUNBUFFERED="1")

@@ -358,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="table format (default: from --out's extension, tsv on stdout)",
     )
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: OMP_NUM_THREADS if set, else 1 on a machine with <= 4 "
+        "cores or a load above half its cores, else the idle cores)",
+    )
     return p
 
 
@@ -433,7 +440,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger().setLevel(logging.WARNING)  # fairseq's import may set INFO
+    import torch
+
     from transformer_m.inference import CheckpointLoadError, load_predictor, record_mode
+    from transformer_m.threads import default_threads
+
+    torch.set_num_threads(args.threads or default_threads()[0])
 
     try:
         predictor = load_predictor(

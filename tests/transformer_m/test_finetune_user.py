@@ -200,7 +200,7 @@ def test_existing_lmdb_is_reused_or_refused(tmp_path, capsys):
 
 
 def test_thread_default():
-    from transformer_m.finetune_user import default_threads
+    from transformer_m.threads import default_threads
 
     assert default_threads({"OMP_NUM_THREADS": "3"}, 16, 0.0) == (3, "OMP_NUM_THREADS")
     assert default_threads({}, 2, 0.0)[0] == 1  # small machine
