@@ -599,7 +599,13 @@ def report(args, out: Path, lmdb_dir: Path, best: Path, y: Mapping[str, np.ndarr
 
     kind = args.kind
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    predictor = load_predictor(best, device=device)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)  # not fairseq's model-building INFO lines in the report
+    try:
+        predictor = load_predictor(best, device=device)
+    finally:
+        root.setLevel(level)
     cols = predictor.spec.columns(args.num_classes if kind == "multiclass" else 1)
     ours: dict = {}
     for split in evaluated:
