@@ -479,7 +479,7 @@ def _main(argv: Sequence[str] | None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
 
-    # 2. data -------------------------------------------------------------------------------------
+    # 2. data ----------------------------------------------------------------------
     lmdb_dir = prepare_data(args, out)
     names, units = _targets(lmdb_dir)
     task_idx = resolve_target(args.target, names, str(lmdb_dir))
@@ -490,7 +490,7 @@ def _main(argv: Sequence[str] | None) -> int:
     print(data_table(lmdb_dir, y, target), flush=True)
     check_labels(args.kind, args.num_classes, y["train"], target)
 
-    # 3. fine-tune ----------------------------------------------------------------------------------
+    # 3. fine-tune ----------------------------------------------------------------------
     from graphormer_ext.data.lmdb_dataset import LMDBDataset
 
     if pretrained:
@@ -552,7 +552,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if not best.exists():
         raise UserError(f"training wrote no {best}; see {out / 'train.log'}")
 
-    # 4. validate -----------------------------------------------------------------------------------
+    # 4. validate ----------------------------------------------------------------------
     evaluated = [s for s in ("valid", "test") if s in splits]
     validate = [
         _bin("fairseq-validate"), *common, "--path", str(best),
@@ -563,7 +563,7 @@ def _main(argv: Sequence[str] | None) -> int:
         validate.append("--cpu")
     val_log = run_live(validate, out / "validate.log", env)
 
-    # 5. report -------------------------------------------------------------------------------------
+    # 5. report ----------------------------------------------------------------------
     summary = {
         "target": target, "task_idx": task_idx, "unit": unit, "kind": args.kind,
         "channels": channels, "pretrained": args.pretrained, "threads": threads,

@@ -22,9 +22,9 @@ in ``error``; the others are still predicted, and the exit code is then 1.
 The checkpoint decides how inputs are featurized: the training data's path convention,
 path hops and hydrogens (stored in the checkpoint; a different ``--path-convention`` or
 ``--max-hops`` is refused unless ``--allow-data-mismatch``), and its input channels. A
-model trained on 3D input only gets an RDKit ETKDG+MMFF conformer for every input
-without coordinates (``--no-conformer`` refuses those inputs instead); both are said on
-stderr. Featurization is the training one (:func:`graphormer_ext.featurize.pipeline.
+model only trained on molecules with 3D coordinates gets an RDKit ETKDG+MMFF conformer for
+every input without coordinates (``--no-conformer`` refuses those inputs instead); both are
+said on stderr. Featurization is the training one (:func:`graphormer_ext.featurize.pipeline.
 featurize_record`).
 """
 from __future__ import annotations
@@ -254,8 +254,9 @@ def featurize(ident: str, rec: SourceRecord, args: argparse.Namespace) -> Item:
                 has_3d = conformer = True
         if not has_3d and args.needs_3d:
             return Item(ident, error=(
-                f"the model was trained on 3D input only ({args.channels_text}) and this "
-                "input has no 3D coordinates; give an SDF/XYZ with coordinates, or drop "
+                "the model was only trained on molecules with 3D coordinates (training "
+                f"modes: {args.channels_text}) and this input has none; give an SDF/XYZ "
+                "with coordinates, or drop "
                 "--no-conformer to generate an RDKit conformer"))
         if rec.kind == "molblock" and not has_3d:
             note = f"{ident}: the SDF record has flat 2D coordinates; read as 2D"
@@ -279,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="transformer-m-predict",
         description="Predict with a Transformer-M checkpoint, in the units of the label it "
         "was trained on. Inputs with coordinates (SDF, XYZ, --conformer) use the 3D "
-        "channel; SMILES are 2D unless the model was trained on 3D input only, in which "
-        "case a conformer is generated (or, with --no-conformer, the input is refused).",
+        "channel; SMILES are 2D unless the model was only trained with 3D coordinates, in "
+        "which case a conformer is generated (or, with --no-conformer, the input is refused).",
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint (.pt)")
     p.add_argument(
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--conformer",
         action="store_true",
         help="generate an RDKit ETKDG+MMFF conformer for every input without coordinates "
-        "(3D mode); by default only when the model was trained on 3D input only",
+        "(3D mode); by default only when the model was only trained with 3D coordinates",
     )
     conf.add_argument(
         "--no-conformer",
@@ -376,7 +377,7 @@ def _featurization_settings(args: argparse.Namespace, predictor) -> list[str]:
     another featurizer version.
     """
     from graphormer_ext.featurize.pipeline import FEATURIZER_VERSION
-    from transformer_m.data_facts import check_facts, describe_channels
+    from transformer_m.data_facts import check_facts
 
     facts = predictor.facts
     wanted = {"path_convention": args.path_convention, "max_hops": args.max_hops,
@@ -400,7 +401,7 @@ def _featurization_settings(args: argparse.Namespace, predictor) -> list[str]:
     args.remove_hs = facts.get("remove_hs") is not False
     channels = predictor.channels
     args.needs_3d = bool(channels.get("needs_3d"))
-    args.channels_text = describe_channels(channels) if channels.get("modes") else "unknown"
+    args.channels_text = ", ".join(channels.get("modes") or []) or "unknown"
     args.conformer = "always" if args.conformer else (
         "never" if args.no_conformer else "needed")
     return errors
@@ -467,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     generated = [it.ident for it in items if it.conformer]
     if generated:
-        why = (f"the model was trained on 3D input only ({args.channels_text})"
+        why = ("the model was only trained on molecules with 3D coordinates (training "
+               f"modes: {args.channels_text})"
                if args.conformer == "needed" else "--conformer")
         print(f"note: {why}: generated RDKit ETKDG+MMFF conformers for {len(generated)} "
               "input(s) without coordinates"

@@ -73,13 +73,14 @@ def clean_env(tmp_path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def user_run(tmp_path_factory):
-    """One real run of scripts/finetune_user.sh: (out dir, console text, csv)."""
+    """One real run of scripts/finetune_user.sh with the README's flags (--id-column,
+    --conformers): (out dir, console text, csv)."""
     tmp = tmp_path_factory.mktemp("finetune_user")
     data = write_user_csv(tmp / "mols.csv")
     out = tmp / "run"
     argv = ["bash", str(SCRIPT), "--csv", str(data), "--smiles-column", "smiles",
             "--label-columns", "logS", "--split-column", "split", "--id-column", "name",
-            "--out", str(out),
+            "--conformers", "--out", str(out),
             "--workers", "1", "--max-epoch", "3", "--batch-size", "8", "--cpu", "--", *TINY]
     proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=clean_env(tmp), cwd=tmp, timeout=TIMEOUT)
@@ -105,7 +106,8 @@ def test_script_writes_checkpoint_report_and_files(user_run):
     assert summary["verdict"].startswith("Transformer-M MAE on test is ")
     # the missing label is in the printed data table, and so is the report
     table = [ln.split() for ln in console.splitlines() if ln.split()[:1] == ["train"]]
-    assert ["train", "18", "0", "0", "17", "1"] in table, console[-3000:]
+    assert ["train", "18", "0", "18", "17", "1"] in table, console[-3000:]  # all embedded
+    assert summary["channels"] == "2d3d"
     assert "train mean" in console and "RF on RDKit descriptors" in console
     assert (out / "parity_test.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(out / "predictions_test.csv", newline="") as fh:
@@ -136,6 +138,21 @@ def test_predict_equals_fairseq_validate_of_the_run(user_run, capsys):
     validate = [json.loads(ln[ln.index("{"):]) for ln in (out / "validate.log").read_text()
                 .splitlines() if "| test |" in ln]
     assert np.abs(pred - y).mean() == pytest.approx(float(validate[-1]["test_mae"]), abs=2e-4)
+
+
+def test_make_user_example_writes_the_chembl_set(tmp_path):
+    out = tmp_path / "pic50.csv"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "make_user_example.py"),
+                           "--out", str(out), "--limit", "5"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 5 and list(rows[0]) == ["chembl_id", "smiles", "pIC50"]
+    assert rows[0]["chembl_id"].startswith("CHEMBL") and 4.0 < float(rows[0]["pIC50"]) < 10.0
+    from rdkit import Chem
+
+    assert all(Chem.MolFromSmiles(r["smiles"]) is not None for r in rows)
 
 
 # --- in process ----------------------------------------------------------------------------------

@@ -131,7 +131,8 @@ def run_validate(ckpt: Path, data: Path, *flags: str) -> dict:
 
     task = torch.load(ckpt, weights_only=True)["cfg"]["task"]["_name"]
     argv = ["--user-dir", str(PLUGIN_DIR), "--path", str(ckpt), "--task", task,
-            "--data-path", str(data), "--valid-subset", "valid", "--cpu", "--batch-size", "5", "--log-format", "json",
+            "--data-path", str(data), "--valid-subset", "valid", "--cpu", "--batch-size", "5",
+            "--log-format", "json",
             *flags]
     args = options.parse_args_and_arch(options.get_validation_parser(), input_args=argv)
     override = options.parse_args_and_arch(options.get_validation_parser(), input_args=argv,
@@ -250,11 +251,11 @@ def test_3d_only_checkpoint_generates_conformers_or_refuses(
     smiles, y = valid_smiles_and_labels(data)
     code, rows, err = run_predict(capsys, ckpt, "--smiles", *smiles[:3])
     assert code == 0 and [r["mode"] for r in rows] == ["3D"] * 3
-    assert "trained on 3D input only" in err and "generated RDKit" in err
+    assert "only trained on molecules with 3D coordinates" in err and "generated RDKit" in err
     assert "3 input(s)" in err
     code, rows, err = run_predict(capsys, ckpt, "--no-conformer", "--smiles", *smiles[:2])
     assert code == 1 and [r["mode"] for r in rows] == ["ERROR", "ERROR"]
-    assert "trained on 3D input only" in rows[0]["error"]
+    assert "only trained on molecules with 3D coordinates" in rows[0]["error"]
     # a 2D-trained checkpoint keeps plain SMILES in 2D and records it
     ckpt2d = make_checkpoint(tmp_path / "ckpt2d.pt", units_data["2d"], *QM9_TASK,
                              "--loss-type", "L2", "--std-type", "std_logits", "--add-3d")
