@@ -22,7 +22,6 @@ __all__ = [
     "CHECKED_FACTS",
     "DataMismatchError",
     "check_facts",
-    "describe_channels",
     "mismatches",
     "split_facts",
     "trained_channels",
@@ -161,13 +160,3 @@ def trained_channels(
     else:
         modes = ["2D+3D"] if has_2d else ["3D"]
     return {"2d": has_2d, "3d": has_3d, "modes": modes, "needs_3d": "2D" not in modes}
-
-
-def describe_channels(channels: Mapping[str, Any]) -> str:
-    """``"3D only"``, ``"2D only"``, ``"2D+3D"`` or ``"2D, 3D and 2D+3D"`` (training modes)."""
-    modes = list(channels.get("modes") or [])
-    if modes == ["3D"]:
-        return "3D only"
-    if modes == ["2D"]:
-        return "2D only"
-    return " and ".join(modes) if len(modes) < 3 else "2D, 3D and 2D+3D"
