@@ -40,6 +40,7 @@ import torch
 __all__ = [
     "SAFE_GLOBALS",
     "CheckpointLoadError",
+    "fill_config_defaults",
     "install_fairseq_loader",
     "load_checkpoint_file",
     "load_fairseq_checkpoint",
@@ -211,12 +212,52 @@ def load_checkpoint_file(
         ) from exc
 
 
+def fill_config_defaults(cfg) -> list[str]:
+    """Add the fields a checkpoint's ``cfg.model`` / ``cfg.task`` lack, with today's defaults.
+
+    A checkpoint written before a config field existed (``--torch-compile``, ``--no-3d-input``,
+    ...) would otherwise fail to build: for the architecture names (``transformer_m_small``)
+    fairseq calls only the preset function, which does not merge the dataclass defaults. Only
+    missing keys are added; nothing the checkpoint says is changed.
+
+    Args:
+        cfg: the checkpoint's config (an OmegaConf ``DictConfig``), modified in place.
+
+    Returns:
+        the added ``section.field`` names.
+    """
+    import dataclasses
+
+    from fairseq.models import ARCH_MODEL_NAME_REGISTRY, MODEL_DATACLASS_REGISTRY
+    from fairseq.tasks import TASK_DATACLASS_REGISTRY
+    from omegaconf import open_dict
+
+    added = []
+    for section, registry, aliases in (("model", MODEL_DATACLASS_REGISTRY, ARCH_MODEL_NAME_REGISTRY),
+                                       ("task", TASK_DATACLASS_REGISTRY, {})):
+        sub = cfg.get(section) if hasattr(cfg, "get") else None
+        name = sub.get("_name") if sub is not None else None
+        dc = registry.get(aliases.get(name, name)) if name else None
+        if dc is None:
+            continue
+        with open_dict(sub):
+            for f in dataclasses.fields(dc):
+                if f.name in sub or f.default is dataclasses.MISSING:
+                    continue
+                if isinstance(f.default, str) and f.default.startswith("${"):
+                    continue  # an interpolation (II(...)): resolved by fairseq where it applies
+                sub[f.name] = f.default.value if hasattr(f.default, "value") else f.default
+                added.append(f"{section}.{f.name}")
+    return added
+
+
 def load_fairseq_checkpoint(path, arg_overrides=None, load_on_all_ranks=False):
     """``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` through :func:`load_checkpoint_file`.
 
     The same contract as fairseq's function (local copy of remote paths, ``arg_overrides`` on
-    ``args`` and ``cfg``, ``cfg`` as an OmegaConf object, the fairseq state upgrade); only the
-    unpickling differs.
+    ``args`` and ``cfg``, ``cfg`` as an OmegaConf object, the fairseq state upgrade); the
+    unpickling differs, and config fields added since the checkpoint was written get their
+    defaults (:func:`fill_config_defaults`).
 
     Args:
         path: the checkpoint (local or a fairseq ``PathManager`` path).
@@ -252,6 +293,7 @@ def load_fairseq_checkpoint(path, arg_overrides=None, load_on_all_ranks=False):
             setattr(state["args"], name, value)
     if state.get("cfg") is not None:
         state["cfg"] = OmegaConf.create(state["cfg"], flags={"allow_objects": True})
+        fill_config_defaults(state["cfg"])
         if arg_overrides is not None:
             overwrite_args_by_name(state["cfg"], arg_overrides)
     return checkpoint_utils._upgrade_state_dict(state)

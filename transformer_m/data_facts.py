@@ -94,6 +94,7 @@ def check_facts(
     expected_from: str,
     found_from: str,
     allow: bool,
+    fix: Optional[str] = None,
 ) -> list[str]:
     """Refuse (or, with ``allow``, warn about) data whose facts differ from ``expected``.
 
@@ -103,6 +104,7 @@ def check_facts(
         expected_from: what ``expected`` describes, for the message.
         found_from: what ``found`` describes.
         allow: the user passed ``--allow-data-mismatch``: log a warning instead.
+        fix: what to do about it (default: rebuild the data with the same flags).
 
     Returns:
         the mismatches (empty if none).
@@ -113,11 +115,12 @@ def check_facts(
     bad = mismatches(expected, found)
     if not bad:
         return bad
+    fix = fix or ("rebuild the data with the same graphormer-ext-preprocess flags "
+                  "(--path-convention, --max-hops, --remove-hs)")
     msg = (
         f"{found_from} was built differently from {expected_from} ({'; '.join(bad)}): the "
-        "model would read other features than it was trained on. Rebuild the data with the "
-        "same graphormer-ext-preprocess flags (--path-convention, --max-hops, --remove-hs) or "
-        f"pass {OVERRIDE_FLAG} to go on anyway"
+        f"model would read other features than it was trained on. To fix it, {fix}, or pass "
+        f"{OVERRIDE_FLAG} to go on anyway"
     )
     if not allow:
         raise DataMismatchError(msg)

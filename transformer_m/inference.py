@@ -35,7 +35,11 @@ import torch
 import transformer_m  # noqa: F401  (registers task, criterion and model first)
 from graphormer_ext.data import keys as K
 from graphormer_ext.data.collator import Collator
-from transformer_m.checkpoint import CheckpointLoadError, load_checkpoint_file
+from transformer_m.checkpoint import (
+    CheckpointLoadError,
+    fill_config_defaults,
+    load_checkpoint_file,
+)
 from transformer_m.modules import TransformerMNet
 
 logger = logging.getLogger(__name__)
@@ -150,6 +154,7 @@ def _load_fairseq(
             "layers=12|18) or `--released L12|L18`"
         )
     cfg = OmegaConf.create(state["cfg"], flags={"allow_objects": True})
+    fill_config_defaults(cfg)  # fields added since the checkpoint was written
     if arg_overrides:
         overwrite_args_by_name(cfg, dict(arg_overrides))
     state["cfg"] = cfg

@@ -392,7 +392,8 @@ def _featurization_settings(args: argparse.Namespace, predictor) -> list[str]:
     errors = []
     try:
         check_facts(facts, wanted, expected_from=f"the training data of {args.checkpoint}",
-                    found_from="this featurization", allow=False)
+                    found_from="this featurization", allow=False,
+                    fix="drop --path-convention/--max-hops (the checkpoint's are the default)")
     except ValueError as exc:
         if not args.allow_data_mismatch:
             errors.append(str(exc))

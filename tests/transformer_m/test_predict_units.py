@@ -379,3 +379,24 @@ def test_no_3d_input_trains_and_predicts_2d_on_3d_data(tmp_path, capsys, units_d
     assert "coordinates are ignored" in err
     pred = np.array([float(r["y"]) for r in rows])
     assert np.abs(pred - y[:, 0]).mean() == pytest.approx(stats["valid_mae"], abs=2e-4)
+
+
+def test_checkpoint_of_an_earlier_version_loads_and_validates(tmp_path, capsys, units_data):
+    """A checkpoint without the config fields added since (--torch-compile, --no-3d-input, ...)
+    and without stored data facts still predicts and validates (their defaults are filled)."""
+    data = units_data["2d"]
+    ckpt = make_checkpoint(tmp_path / "c.pt", data, *QM9_TASK, "--loss-type", "L1",
+                           "--std-type", "no_std")
+    state = torch.load(ckpt, weights_only=True)
+    for section, name in (("model", "torch_compile"), ("task", "no_3d_input"),
+                          ("task", "allow_data_mismatch")):
+        del state["cfg"][section][name]
+    del state["task_state"]["data"]
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    stats = run_validate(old, data)
+    smiles, y = valid_smiles_and_labels(data)
+    code, rows, _ = run_predict(capsys, old, "--smiles", *smiles)
+    assert code == 0
+    pred = np.array([float(r["target0"]) for r in rows])  # no stored target name
+    assert np.abs(pred - y[:, 0]).mean() == pytest.approx(stats["valid_mae"], abs=2e-4)
