@@ -87,6 +87,7 @@ class GraphPredictionCriterion(FairseqCriterion):
         logits, atom_output, _ = model(batch)
         pred = logits[:, 0, :].float()  # [B, C] graph token
         target = sample["target"].float().view(pred.shape[0], -1)  # [B, C]
+        check_label_width(target.shape[1], pred.shape[1])
         labelled = torch.isfinite(target).all(-1, keepdim=True)  # [B, 1]
         # Unlabelled rows get target = prediction: |0| adds nothing and, unlike a NaN
         # masked afterwards, back-propagates a zero gradient.
@@ -124,6 +125,18 @@ class GraphPredictionCriterion(FairseqCriterion):
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
+
+
+def check_label_width(stored: int, predicted: int) -> None:
+    """Refuse a batch whose molecules carry a different number of labels than the model
+    predicts (``[B, k]`` against ``[B, C]`` would broadcast into a wrong loss)."""
+    if stored != predicted:
+        raise ValueError(
+            f"the data stores {stored} label value(s) per molecule but the model predicts "
+            f"{predicted}: pass --num-classes {stored} --remove-head to regress all stored "
+            "labels, or re-run graphormer-ext-preprocess with only the label "
+            "column(s) to train on (--label-columns)"
+        )
 
 
 def _loggable(value: torch.Tensor, training: bool):

@@ -109,6 +109,12 @@ class TransformerMModel(BaseFairseqModel):
 
     @classmethod
     def build_model(cls, cfg: TransformerMConfig, task):
+        if cfg.num_classes != 1 and not cfg.remove_head:
+            raise ValueError(
+                f"--num-classes {cfg.num_classes} needs --remove-head: the pre-training head "
+                "has one output (as in the release); --remove-head builds the fine-tuning head "
+                "with --num-classes outputs"
+            )
         if cfg.add_3d and cfg.num_3d_bias_kernel == cfg.encoder_embed_dim:
             logger.info("num_3d_bias_kernel == encoder_embed_dim: edge_proj is the identity")
         net = TransformerMNet(
