@@ -21,7 +21,11 @@ from graphormer_ext.data import keys
 from graphormer_ext.data.base import GraphDataset
 from graphormer_ext.data.collator_3d import PointCloudCollator
 from graphormer_ext.data.lmdb_dataset import LMDBDataset
-from transformer_m.tasks.graph_prediction import GraphPredictionDataset, split_path
+from transformer_m.tasks.graph_prediction import (
+    GraphPredictionDataset,
+    require_records,
+    split_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +105,7 @@ class _PointCloudTask(FairseqTask):
         return cls(cfg)
 
     def load_dataset(self, split, combine=False, **kwargs):
-        records = LMDBDataset(split_path(self.cfg.data_path, split))
+        records = require_records(LMDBDataset(split_path(self.cfg.data_path, split)), split)
         logger.info("%s: %d structures from %s", split, len(records), records.path)
         graphs = GraphDataset(
             records, _SelectTarget(PointCloudCollator(center=self.cfg.center),

@@ -172,6 +172,19 @@ def split_path(data_path: str, split: str) -> str:
     return path
 
 
+def require_records(records: LMDBDataset, split: str) -> LMDBDataset:
+    """``records``, or a clear error if the split holds no molecule (fairseq would fail later
+    with "The dataset is empty", naming neither the split nor the file)."""
+    if len(records) == 0:
+        raise ValueError(
+            f"split {split!r}: {records.path} holds no molecules (graphormer-ext-preprocess "
+            "warned when it wrote it). Give that split molecules (more rows, other --split-"
+            "fractions or a --split-column with that value), or do not use it: --valid-subset "
+            "names the validation splits, --disable-validation skips validation"
+        )
+    return records
+
+
 @register_task("graph_prediction", dataclass=GraphPredictionConfig)
 class GraphPredictionTask(FairseqTask):
     """Graph-level regression (PCQM4Mv2 HOMO-LUMO gap pre-training) on LMDB splits.
@@ -220,7 +233,7 @@ class GraphPredictionTask(FairseqTask):
         return self.cfg.dataset_name != "PCQM4M-LSC-V2" and not self.cfg.no_3d_input
 
     def load_dataset(self, split, combine=False, **kwargs):
-        records = LMDBDataset(split_path(self.cfg.data_path, split))
+        records = require_records(LMDBDataset(split_path(self.cfg.data_path, split)), split)
         self.check_split(split, records)
         meta = records.meta
         stored_hops = int(meta.get("max_hops", self.cfg.multi_hop_max_dist))

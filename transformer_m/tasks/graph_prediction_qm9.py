@@ -42,6 +42,7 @@ from .graph_prediction import (
     GraphPredictionConfig,
     GraphPredictionDataset,
     GraphPredictionTask,
+    require_records,
     split_path,
 )
 
@@ -264,7 +265,7 @@ class GraphPredictionQM9Task(GraphPredictionTask):
                     self.target_name, mean, std, count)
 
     def load_dataset(self, split, combine=False, **kwargs):
-        records = LMDBDataset(split_path(self.cfg.data_path, split))
+        records = require_records(LMDBDataset(split_path(self.cfg.data_path, split)), split)
         self.check_split(split, records)
         self._describe_target(records)
         n_targets = int((records.meta.get("stats") or {}).get("num_targets") or 0)

@@ -33,6 +33,7 @@ from graphormer_ext.data.base import EpochDataset
 from graphormer_ext.data.collator_3d import atomic_numbers
 from graphormer_ext.data.lmdb_dataset import LMDBDataset
 from graphormer_ext.featurize.gsrd_features import GsrdFeaturizer
+from transformer_m.tasks.graph_prediction import require_records
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +339,7 @@ class GsrdMD17Task(_GsrdTaskBase):
     """
 
     def load_dataset(self, split, combine=False, **kwargs):
-        records = LMDBDataset(_split_file(self.cfg.data_path, split))
+        records = require_records(LMDBDataset(_split_file(self.cfg.data_path, split)), split)
         idx = None
         if split == "train" and self.cfg.train_limit > 0:
             idx = np.arange(min(len(records), self.cfg.train_limit))
@@ -378,7 +379,7 @@ class GsrdQM9Task(_GsrdTaskBase):
         return self.cfg.target in QM9_STANDARDIZE
 
     def load_dataset(self, split, combine=False, **kwargs):
-        records = LMDBDataset(_split_file(self.cfg.data_path, split))
+        records = require_records(LMDBDataset(_split_file(self.cfg.data_path, split)), split)
         return self._make(records, split, target_index=self.target_index)
 
     def build_model(self, cfg, from_checkpoint=False):

@@ -1,8 +1,14 @@
-"""The ``graph_prediction`` loss refuses labels of another width than the model's output.
+"""Data a task cannot use is refused up front, naming the split and the fix.
+
+Label width: the ``graph_prediction`` loss refuses labels of another width than the model's output.
 
 A CSV preprocessed with two label columns stores ``y`` as ``[2]`` per molecule; a model built
 with ``--num-classes 1`` predicts ``[B, 1]``. Before the check the loss broadcast ``[B, 1]``
 against ``[B, 2]`` and trained on both columns at once without a word.
+
+Empty splits: three CSV rows under the default split fractions leave ``valid.lmdb`` and
+``test.lmdb`` empty (preprocessing warns); fairseq used to fail with "The dataset is empty",
+naming neither the split nor the file.
 """
 from __future__ import annotations
 
@@ -79,3 +85,25 @@ def test_matching_width_trains_on_both_columns(two_label_lmdb):
 def test_several_classes_without_the_fine_tuning_head_are_refused(two_label_lmdb):
     with pytest.raises(ValueError, match="--num-classes 2 needs --remove-head"):
         _setup(two_label_lmdb, 2)
+
+
+@pytest.mark.parametrize("task", ["graph_prediction", "graph_prediction_qm9"])
+def test_empty_split_is_refused_naming_file_and_fix(tmp_path, task):
+    from transformer_m.tasks.graph_prediction import GraphPredictionConfig
+    from transformer_m.tasks.graph_prediction_qm9 import GraphPredictionQM9Config
+
+    cls = {"graph_prediction": GraphPredictionConfig,
+           "graph_prediction_qm9": GraphPredictionQM9Config}[task]
+    from fairseq.tasks import TASK_REGISTRY
+
+    from graphormer_ext.preprocess import main as preprocess
+
+    (tmp_path / "few.csv").write_text("smiles,y\nCCO,1\nCCC,2\nCCN,3\n")
+    assert preprocess(["csv", "--path", str(tmp_path / "few.csv"), "--smiles-column", "smiles",
+                       "--label-columns", "y", "--out", str(tmp_path / "lmdb"), "--workers", "1",
+                       "--no-progress"]) == 0  # fmt: skip
+    t = TASK_REGISTRY[task](cls(data_path=str(tmp_path / "lmdb"), seed=1))
+    t.load_dataset("train")  # three molecules: fine
+    with pytest.raises(ValueError, match=r"split 'valid': .*valid\.lmdb holds no molecules.*"
+                                         r"--valid-subset"):
+        t.load_dataset("valid")
