@@ -14,8 +14,10 @@ predicts every molecule from the graph token, and writes to ``--out``:
 
 Unlike the released ``evaluate.py`` (spec §4.1) it evaluates one checkpoint, writes
 the predictions and a submission file, and reads released checkpoints without their
-training code. The released checkpoints (``--released L12|L18``) were trained on the
-legacy "atom 0" shortest paths: preprocess with ``--path-convention legacy``.
+training code. A split built differently from the checkpoint's training data (path
+convention, max hops, featurizer) is refused unless ``--allow-data-mismatch``; the released
+checkpoints (``--released L12|L18``) were trained on the legacy "atom 0" shortest paths:
+preprocess with ``--path-convention legacy``.
 
 Examples::
 
@@ -83,19 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="evaluate only the first N molecules (a quick check)",
     )
+    p.add_argument(
+        "--allow-data-mismatch",
+        action="store_true",
+        help="go on (with a warning) when the split was built with another path convention, "
+        "max hops or featurizer than the checkpoint's training data; by default an error",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plot", action="store_true", help="skip the parity plot")
     return p
 
 
 def load_checkpoint(args: argparse.Namespace, device: str):
-    """The model in eval mode; released checkpoints get their known sizes."""
-    from transformer_m.inference import load_model, load_released_model
+    """``(model in eval mode, data facts of its training data)``; released checkpoints get
+    their known sizes and facts (legacy paths, 5 hops, hydrogens removed)."""
+    from transformer_m.inference import RELEASED_FACTS, load_predictor, load_released_model
 
     if args.released:
         layers, arch = RELEASED[args.released]
-        return load_released_model(args.checkpoint, layers, arch=arch, device=device)
-    return load_model(args.checkpoint, device=device)[0]
+        model = load_released_model(args.checkpoint, layers, arch=arch, device=device)
+        return model, dict(RELEASED_FACTS)
+    predictor = load_predictor(args.checkpoint, device=device)
+    return predictor.model, predictor.facts
 
 
 def write_predictions(
@@ -169,7 +180,8 @@ def write_submission(out: Path, split: str, y_pred: np.ndarray) -> tuple[Path, b
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the evaluation; returns the exit code (2 if the split file is missing)."""
+    """Run the evaluation; returns the exit code (2 if the split file is missing or was built
+    differently from the checkpoint's training data)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -178,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from graphormer_ext.data import keys as K
     from graphormer_ext.data.lmdb_dataset import LMDBDataset
+    from transformer_m.data_facts import DataMismatchError, check_facts, split_facts
     from transformer_m.inference import predict
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -192,15 +205,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dataset = LMDBDataset(split_file)
     convention = dataset.meta.get("path_convention")
-    if args.released and convention != "legacy":
-        logger.warning(
-            "%s uses path convention %r, but the released checkpoints were trained on "
-            "the legacy 'atom 0' shortest paths, so predictions will be off; "
-            "preprocess with `graphormer-ext-preprocess pcqm4mv2 ... "
-            "--path-convention legacy`",
-            split_file,
-            convention,
-        )
     n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     records = dataset if n == len(dataset) else _Head(dataset, n)
     logger.info(
@@ -211,7 +215,23 @@ def main(argv: list[str] | None = None) -> int:
         device,
     )
 
-    model = load_checkpoint(args, device)
+    model, facts = load_checkpoint(args, device)
+    hops = args.max_hops or facts.get("max_hops") or 5
+    try:
+        check_facts(
+            facts,
+            split_facts(dataset.meta, hops),
+            expected_from=f"the training data of {args.checkpoint}",
+            found_from=str(split_file),
+            allow=args.allow_data_mismatch,
+            fix=(
+                "preprocess with `graphormer-ext-preprocess pcqm4mv2 ... --path-convention "
+                f"{facts.get('path_convention') or 'fixed'} --max-hops {facts.get('max_hops') or 5}`"
+            ),
+        )
+    except DataMismatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     pred = predict(
         model,
         records,

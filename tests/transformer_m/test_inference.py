@@ -416,28 +416,52 @@ def test_evaluate_full_size_submission_uses_ogb(tmp_path):
         np.testing.assert_array_equal(sub["y_pred"], y)
 
 
-def test_evaluate_released_warns_on_fixed_paths(
-    tmp_path, caplog, monkeypatch, inference_released, inference_lmdb
+def test_evaluate_released_refuses_fixed_paths_unless_allowed(
+    tmp_path, capsys, caplog, monkeypatch, inference_released, inference_lmdb
 ):
-    from transformer_m.inference import load_released_model
+    from transformer_m.inference import RELEASED_FACTS, load_released_model
     from transformer_m.modules import TransformerMNet
 
     mod = _load_eval_script()
     path, _ = inference_released
 
     def load_tiny(args, device):  # the real L12 sizes are too large for a unit test
-        return load_released_model(
-            args.checkpoint, model=TransformerMNet(**INFERENCE_TINY_NET)
-        )
+        model = load_released_model(args.checkpoint, model=TransformerMNet(**INFERENCE_TINY_NET))
+        return model, dict(RELEASED_FACTS)
 
     monkeypatch.setattr(mod, "load_checkpoint", load_tiny)
     argv = ["--checkpoint", str(path), "--released", "L12", "--split", "valid"]
-    argv += ["--data-path", str(inference_lmdb), "--out", str(tmp_path)]
+    argv += ["--data-path", str(inference_lmdb), "--out", str(tmp_path / "eval")]
     argv += ["--no-progress", "--no-plot", "--device", "cpu"]
+    assert mod.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "path_convention 'legacy' vs 'fixed'" in err and "--path-convention legacy" in err
+    assert not (tmp_path / "eval").exists()  # refused before writing anything
     with caplog.at_level(logging.WARNING):
-        assert mod.main(argv) == 0
+        assert mod.main(argv + ["--allow-data-mismatch"]) == 0
     messages = [r.getMessage() for r in caplog.records]
     assert any("legacy" in m and "'fixed'" in m for m in messages)
+
+
+def test_evaluate_refuses_data_built_unlike_the_checkpoints(
+    tmp_path, capsys, inference_checkpoint, inference_lmdb
+):
+    """Our checkpoints carry their training data's facts: a split with another path
+    convention or fewer hops is refused, with the flags that rebuild it."""
+    mod = _load_eval_script()
+    state = torch.load(inference_checkpoint[0], weights_only=True)
+    state["task_state"] = {"data": {"path_convention": "legacy", "max_hops": 5}}
+    ckpt = tmp_path / "checkpoint_legacy.pt"
+    torch.save(state, ckpt)
+    argv = ["--checkpoint", str(ckpt), "--data-path", str(inference_lmdb), "--split", "valid",
+            "--out", str(tmp_path / "eval"), "--no-progress", "--no-plot", "--device", "cpu"]
+    assert mod.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "path_convention 'legacy' vs 'fixed'" in err
+    assert "--path-convention legacy --max-hops 5" in err
+    assert mod.main([*argv, "--allow-data-mismatch"]) == 0
+    # the checkpoint's own convention: evaluated without a word
+    assert mod.main([*argv[:1], str(inference_checkpoint[0]), *argv[2:]]) == 0
 
 
 def test_single_atom_only_batch_matches_mixed_batch():
