@@ -603,8 +603,11 @@ class SDFSource(Source):
 
         labels, split_values, titles, lines = [], [], [], []
         seen: set[str] = set()
+        undecodable: list[tuple[int, int]] = []  # (record, line) holding non-UTF-8 bytes
         line = 1
         for i, block in enumerate(iter_sdf(self.path)):
+            if "\ufffd" in block:  # iter_sdf decodes with errors="replace"
+                undecodable.append((i + 1, line))
             props = sdf_properties(block)
             seen.update(props)
             titles.append(block.split("\n", 1)[0].strip())
@@ -639,6 +642,15 @@ class SDFSource(Source):
             raise SourceError(
                 f"{self.path} record {first + 1} (line {lines[first]}): no value for "
                 f"split property {split_property!r}"
+            )
+        self.non_utf8_records = len(undecodable)
+        if undecodable:
+            first = ", ".join(f"record {r} (line {ln})" for r, ln in undecodable[:3])
+            logger.warning(
+                "%s: %d record(s) hold bytes that are not UTF-8 (%s%s); their titles and text "
+                "properties keep U+FFFD in place of those bytes (labels that no longer parse "
+                "are refused). Save the file as UTF-8 to keep the original text",
+                self.path, len(undecodable), first, ", ..." if len(undecodable) > 3 else "",
             )
         n = len(labels)
         self.lines = lines
@@ -731,4 +743,5 @@ class SDFSource(Source):
             or {"fractions": list(self.split_fractions), "seed": self.seed},
             "splits": self.splits(),
             "source_row": "SDF record number (1-based)",
+            "non_utf8_records": self.non_utf8_records,
         }

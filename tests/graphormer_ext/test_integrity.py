@@ -323,6 +323,32 @@ def test_sdf_records_name_their_lines(tmp_path):
         assert lines[line - 1] == f"mol-{k}"  # the record's title line
 
 
+def test_sdf_non_utf8_bytes_are_reported_not_silently_replaced(tmp_path, caplog):
+    """A Latin-1 title is read with U+FFFD in place of its byte: said in the log, counted in the
+    source description (and so in the meta); a label made unreadable is refused."""
+    text = _sdf_text(SMILES[:3], [{"y": i} for i in range(3)])
+    data = text.replace("mol-1", "mol-\xe9").encode("latin-1")
+    path = _write(tmp_path / "d.sdf", data)
+    with caplog.at_level(logging.WARNING):
+        src = SDFSource(path, label_properties=["y"], split_fractions=(1.0,))
+    assert src.describe()["non_utf8_records"] == 1
+    assert any("1 record(s) hold bytes that are not UTF-8 (record 2 (line" in r.getMessage()
+               for r in caplog.records)
+    assert src.titles[1] == "mol-\ufffd"
+    clean = SDFSource(_write(tmp_path / "ok.sdf", text), label_properties=["y"],
+                      split_fractions=(1.0,))
+    assert clean.describe()["non_utf8_records"] == 0
+    bad_label = text.replace(">  <y>  (2) \n2\n", ">  <y>  (2) \n2\xe9\n")
+    if bad_label == text:  # RDKit's property header format differs: replace the value line
+        blocks = text.split("$$$$\n")
+        blocks[2] = blocks[2].replace("\n2\n", "\n2\xe9\n")
+        bad_label = "$$$$\n".join(blocks)
+    assert bad_label != text
+    with pytest.raises(SourceError, match="record 3 .* label '2\ufffd' is not a number"):
+        SDFSource(_write(tmp_path / "bad.sdf", bad_label.encode("latin-1")),
+                  label_properties=["y"], split_fractions=(1.0,))
+
+
 # --- issue 12 item 7: provenance and split assignment ---------------------------------------------
 def test_records_store_smiles_id_and_line_and_meta_the_assignment(tmp_path, capsys):
     rows = [("m0", "CCO", 1, "train"), ("m1", "not-a-smiles", 2, "train"),
