@@ -197,6 +197,60 @@ def build_lmdb(npz: Path, out: Path, records: int) -> dict:
     return info | {"built_s": round(time.perf_counter() - t0, 1), "path": str(out)}
 
 
+def repo_schema(repo: Path) -> int:
+    """LMDB schema version of the checkout ``repo`` (1 before the version was recorded)."""
+    code = "from graphormer_ext.data import keys; print(getattr(keys, 'SCHEMA_VERSION', 1))"
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(repo),
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def build_baseline_lmdb(npz: Path, out: Path, records: int, repo: Path) -> float:
+    """The same molecules written by the checkout ``repo``'s own code (its LMDB schema).
+
+    A checkout from before LMDB schema 2 cannot read this tree's splits; its splits hold the
+    model records of its ``graph_to_record`` (paths computed when writing). Runs this script
+    in a process whose ``PYTHONPATH`` is ``repo``. Returns the seconds spent (0: reused).
+    """
+    schema = repo_schema(repo)
+    digest = hashlib.sha256(npz.read_bytes()).hexdigest()[:16]
+    stamp = out / "bench_stamp.json"
+    want = {"npz_sha256_16": digest, "records": records, "schema": schema,
+            "writer": "graph_to_record"}  # fmt: skip
+    if stamp.is_file() and json.loads(stamp.read_text()) == want:
+        return 0.0
+    t0 = time.perf_counter()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_baseline-lmdb",
+                    str(out), "--npz", str(npz), "--records", str(records)],
+                   env=env, cwd=str(repo), check=True)  # fmt: skip
+    stamp.write_text(json.dumps(want))
+    return round(time.perf_counter() - t0, 1)
+
+
+def _write_baseline_lmdb(out: Path, npz: Path, records: int) -> None:
+    """In the baseline's process: model records of its ``graph_to_record``, its writer."""
+    sys.path.insert(0, str(HERE))
+    from bench_molecules import BenchMolecules, repeated
+
+    from graphormer_ext.data.lmdb_writer import write_split
+    from graphormer_ext.featurize.graph import graph_to_record
+
+    mols = BenchMolecules(npz)
+    recs = []
+    for i in range(len(mols)):
+        g = mols.graph(i)
+        recs.append(graph_to_record(g["node_feat"], g["edge_index"], g["edge_attr"],
+                                    pos=g["pos"], y=g["y"], max_hops=5))  # fmt: skip
+    write_split(out / "train.lmdb", repeated(recs, records), split="train", workers=1,
+                progress=False, total=records)  # fmt: skip
+    write_split(out / "valid.lmdb", recs[:256], split="valid", workers=1, progress=False)
+
+
 # --- child process: the real fairseq-train loop, paused between timed windows ----------
 class _StopTraining(Exception):
     """Raised by the hook to leave fairseq's loop after the timed windows."""
@@ -588,9 +642,22 @@ def run(args) -> dict:
           f"records than molecules), built in {data['built_s']} s; heavy atoms of the "
           f"molecules {data['sizes']}; sources {data['sources']}", flush=True)  # fmt: skip
 
+    base_lmdb = lmdb
+    if any(c.baseline for c in configs):
+        from graphormer_ext.data import keys
+
+        base = Path(args.baseline_repo).resolve()
+        schema = repo_schema(base)
+        if schema != keys.SCHEMA_VERSION:
+            base_lmdb = lmdb.parent / f"{lmdb.name}-schema{schema}"
+            built = build_baseline_lmdb(Path(args.npz), base_lmdb, args.records, base)
+            print(f"baseline {base}: LMDB schema {schema} (this tree: {keys.SCHEMA_VERSION}); "
+                  f"the same records written by its own code to {base_lmdb}, built in "
+                  f"{built} s", flush=True)  # fmt: skip
+
     children = []
     for cfg in configs:
-        argv, env = child_argv(cfg, args, lmdb, cuda)
+        argv, env = child_argv(cfg, args, base_lmdb if cfg.baseline else lmdb, cuda)
         run_dir = work / cfg.name
         run_dir.mkdir(exist_ok=True)
         children.append(Child(cfg, argv, env, work / f"{cfg.name}.log", run_dir))
@@ -774,6 +841,7 @@ def parse_args(argv=None):
                    help="seconds for start-up and measurement; fewer rounds when short (0: none)")
     p.add_argument("--json", default="", help="also write the figures here")
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_baseline-lmdb", default="", help=argparse.SUPPRESS)
     p.add_argument("--_ctl", nargs=2, type=int, help=argparse.SUPPRESS)
     p.add_argument("fairseq_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -793,6 +861,9 @@ def _cuda_available() -> bool:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args._baseline_lmdb:
+        _write_baseline_lmdb(Path(args._baseline_lmdb), Path(args.npz), args.records)
+        return
     if args._child:
         args.ctl_in, args.ctl_out = args._ctl
         args.fairseq_args = [a for a in args.fairseq_args if a != "--"]
