@@ -140,6 +140,13 @@ class PairIndex:
         flat = grid.reshape((grid.shape[0] * n * n,) + grid.shape[3:])
         return flat.index_select(0, self.flat)
 
+    def scatter_heads(self, values: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Per-pair rows ``values`` [P, H] into a zero grid, head-major: [H, B, N, N]."""
+        n = self.num_atoms
+        out = values.new_zeros(values.shape[-1], batch_size * n * n)
+        out = out.index_copy(1, self.flat, values.t())
+        return out.view(values.shape[-1], batch_size, n, n)
+
     def scatter(self, values: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Per-pair rows ``values`` [P, C] into a zero grid [B, N, N, C]."""
         n = self.num_atoms

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fused_layer import BiasedAttention, QKVGather, cast, softmax_dtype
 from .utils import at_least_float32, check_implementation, dropout
 
 
@@ -213,7 +214,7 @@ class MultiheadAttention(nn.Module):
             k.reshape(rows, tgt_len, head_dim).transpose(1, 2),
             alpha=scale,
         )  # [B*H, T, T]
-        probs = F.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)
+        probs = F.softmax(logits, dim=-1, dtype=softmax_dtype(logits.dtype)).type_as(logits)
         probs = dropout(probs, p, True)
         out = torch.bmm(probs, v.reshape(rows, tgt_len, head_dim))
         return out.view(bsz, heads, tgt_len, head_dim)
@@ -233,6 +234,39 @@ class MultiheadAttention(nn.Module):
         attn = attn.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim)
         return self.out_proj(attn)
 
+    def qkv_parameters(self):
+        """The q, k and v projections stacked: weight [3D, D] and bias [3D]."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projections], dim=0)
+        bias = torch.cat([p.bias for p in projections], dim=0)
+        return weight, bias
+
+    def attend(self, qkv: torch.Tensor, bias: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Attention of head-major padded q, k, v with a head-major bias.
+
+        Args:
+            qkv: [3, H, B*T, hd] (from :class:`~.fused_layer.QKVGather`).
+            bias: [H*B, T, T], ``-inf`` on padded keys, in the dtype of ``qkv``.
+            batch_size: B.
+
+        Returns:
+            [B*T, H, hd] per padded position (a view; padded queries hold finite values).
+        """
+        _, heads, n_pos, head_dim = qkv.shape
+        n_tok = n_pos // batch_size
+        p = self.attention_dropout if self.training else 0.0
+        if p > 0.0 and qkv.device.type == "cpu":
+            # no fused CPU kernel with dropout: one node with a hand-written backward
+            rows = qkv.view(3, heads * batch_size, n_tok, head_dim)
+            out = BiasedAttention.apply(rows, bias, self.scaling, p)  # [H*B, T, hd]
+            return out.view(heads, n_pos, head_dim).transpose(0, 1)
+        q, k, v = qkv.view(3, heads, batch_size, n_tok, head_dim).transpose(1, 2).unbind(0)
+        mask = bias.view(heads, batch_size, n_tok, n_tok).transpose(0, 1)  # [B, H, T, T]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p, scale=self.scaling
+        )  # [B, H, T, hd]
+        return out.transpose(1, 2).reshape(n_pos, heads, head_dim)
+
     def forward_packed(
         self, x: torch.Tensor, attn_bias: torch.Tensor, packing: TokenPacking
     ) -> torch.Tensor:
@@ -240,16 +274,28 @@ class MultiheadAttention(nn.Module):
 
         Args:
             x: [M, D] real tokens, packed with ``packing``.
-            attn_bias: [B, H, T, T], with ``-inf`` already on padded keys.
+            attn_bias: [B, H, T, T], with ``-inf`` already on padded keys (head-major
+                storage, ``[H, B, T, T]`` transposed, avoids a copy).
             packing: the token packing of ``x``.
 
         Returns:
             [M, D].
         """
+        dtype = _attention_dtype(x)
+        weight, bias = self.qkv_parameters()
+        qkv = QKVGather.apply(x, weight, bias, packing.spread_index, self.num_heads, dtype)
+        attn = self.attend(qkv, head_major(attn_bias, dtype), packing.batch_size)
+        attn = attn.index_select(0, packing.flat_index).reshape(-1, self.embed_dim)  # [M, D]
+        return self.out_proj(attn)
+
+    def forward_packed_autograd(
+        self, x: torch.Tensor, attn_bias: torch.Tensor, packing: TokenPacking
+    ) -> torch.Tensor:
+        """:meth:`forward_packed` with autograd's own operators (padded-grid layout, no
+        hand-written backward): the oracle of the fused functions, and the path of
+        configurations they do not cover."""
         bsz, tgt_len = packing.batch_size, packing.num_tokens
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        weight = torch.cat([p.weight for p in projections], dim=0)  # [3D, D]
-        bias = torch.cat([p.bias for p in projections], dim=0)  # [3D]
+        weight, bias = self.qkv_parameters()
         qkv = packing.spread(F.linear(x, weight, bias))  # [B, T, 3D]
         qkv = qkv.view(bsz, tgt_len, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, hd] each
@@ -257,3 +303,18 @@ class MultiheadAttention(nn.Module):
         attn = self._sdpa(q, k, v, attn_bias, scale=self.scaling)  # [B, H, T, hd]
         attn = packing.pack(attn.transpose(1, 2)).reshape(-1, self.embed_dim)  # [M, D]
         return self.out_proj(attn)
+
+
+def head_major(attn_bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, H, T, T]`` -> ``[H*B, T, T]`` in ``dtype`` (no copy when its storage already is
+    head-major and of that dtype)."""
+    bsz, heads, n_tok, _ = attn_bias.shape
+    return cast(attn_bias.transpose(0, 1).reshape(heads * bsz, n_tok, n_tok), dtype)
+
+
+def _attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the attention runs in: autocast's for ``x``'s device, if on, else x's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype

@@ -258,9 +258,19 @@ class MoleculeEncoder(nn.Module):
         packing = TokenPacking(flat_index, batch_index, token_index, gather_index,
                                spread_index, bias.shape[0], bias.shape[-1])  # fmt: skip
         scales = self.droppath_scales(packing, xs.dtype)
-        for layer, layer_scales in zip(self.layers, scales):
-            xs = layer.forward_packed(xs, bias, packing, layer_scales)
+        for layer, layer_scales, qkv in zip(self.layers, scales, self.qkv_parameters()):
+            xs = layer.forward_packed(xs, bias, packing, layer_scales, qkv)
         return xs
+
+    def qkv_parameters(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's stacked q/k/v weight [3D, D] and bias [3D], made with two
+        concatenations for all layers (instead of two per layer)."""
+        attns = [layer.self_attn for layer in self.layers]
+        weights = torch.cat([p.weight for a in attns for p in (a.q_proj, a.k_proj, a.v_proj)])
+        biases = torch.cat([p.bias for a in attns for p in (a.q_proj, a.k_proj, a.v_proj)])
+        n = len(attns)
+        return list(zip(weights.view(n, -1, weights.shape[-1]).unbind(0),
+                        biases.view(n, -1).unbind(0)))  # fmt: skip
 
     def _compiled_layers(self):
         key = (self.torch_compile, self.compile_backend)
@@ -357,10 +367,17 @@ class MoleculeEncoder(nn.Module):
             if mask_3d is not None:
                 merged = merged * mask_3d[:, None, None]
                 delta_pos = delta_pos * mask_3d[:, None, None, None]
-                finite = bias_3d != float("-inf")
-                off = finite & (mask_3d == 0)[:, None, None, None]
-                bias_3d = bias_3d.masked_fill(off, 0.0)
-            attn_bias = attn_bias + F.pad(bias_3d, (1, 0, 1, 0))  # [B, H, T, T]
+                if fast:  # finite everywhere (0 on padded pairs)
+                    bias_3d = bias_3d * mask_3d.view(-1, 1, 1, 1).to(bias_3d.dtype)
+                else:
+                    finite = bias_3d != float("-inf")
+                    off = finite & (mask_3d == 0)[:, None, None, None]
+                    bias_3d = bias_3d.masked_fill(off, 0.0)
+            if fast:  # padded head-major, as the 2D bias
+                padded = F.pad(bias_3d.transpose(0, 1), (1, 0, 1, 0)).transpose(0, 1)
+            else:
+                padded = F.pad(bias_3d, (1, 0, 1, 0))
+            attn_bias = attn_bias + padded  # [B, H, T, T]
             atoms = x[:, 1:] + merged * MERGED_3D_FEATURE_SCALE
             x = torch.cat([x[:, :1], atoms], dim=1)
 
@@ -398,8 +415,9 @@ class MoleculeEncoder(nn.Module):
             if return_all_hiddens:
                 inner_states = [packing.unpack(xs).transpose(0, 1)]
                 scales = self.droppath_scales(packing, xs.dtype)
-                for layer, layer_scales in zip(self.layers, scales):
-                    xs = layer.forward_packed(xs, bias_in, packing, layer_scales)
+                qkvs = self.qkv_parameters()
+                for layer, layer_scales, qkv in zip(self.layers, scales, qkvs):
+                    xs = layer.forward_packed(xs, bias_in, packing, layer_scales, qkv)
                     inner_states.append(packing.unpack(xs).transpose(0, 1))  # [T, B, D]
             else:
                 run = self.run_layers if self.torch_compile == "none" else self._compiled_layers()

@@ -6,7 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .droppath import DropPath
-from .multihead_attention import MultiheadAttention, TokenPacking
+from .fused_layer import ACTIVATIONS, PostAttention, Precision, QKVGather
+from .multihead_attention import MultiheadAttention, TokenPacking, head_major
 from .utils import check_implementation, dropout, get_activation_fn
 
 
@@ -60,6 +61,7 @@ class TransformerMEncoderLayer(nn.Module):
         self.dropout = float(dropout)
         self.act_dropout = float(act_dropout)
         self.sandwich_ln = bool(sandwich_ln)
+        self.activation_name = activation_fn
         self.activation_fn = get_activation_fn(activation_fn)
         self.droppath = None
         if droppath_prob > 0.0:
@@ -151,26 +153,77 @@ class TransformerMEncoderLayer(nn.Module):
             x = self.final_layer_norm(x)
         return x
 
+    def fused(self, droppath_scales) -> bool:
+        """Whether :meth:`forward_packed` runs as the fused functions of
+        :mod:`.fused_layer` (Post-LN, ReLU or GELU, DropPath factors given or not needed)."""
+        return (
+            not self.sandwich_ln
+            and self.activation_name in ACTIVATIONS
+            and (self.droppath is None or not self.training or bool(droppath_scales))
+        )
+
     def forward_packed(
         self,
         x: torch.Tensor,
         attn_bias: torch.Tensor,
         packing: TokenPacking,
         droppath_scales: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        qkv_parameters: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
         """The same layer on packed real tokens ``x`` [M, D] -> [M, D].
 
-        ``attn_bias`` [B, H, T, T] must already hold ``-inf`` on padded keys. Every
+        ``attn_bias`` [B, H, T, T] must already hold ``-inf`` on padded keys (stored
+        head-major, ``[H, B, T, T]`` transposed, it is used without a copy). Every
         operation but attention is per token, so padded tokens are not computed.
         ``droppath_scales``: the DropPath factors ``keep / (1 - p)`` [M, 1] of the
         attention and the FFN branch, drawn for all layers at once by the encoder
         (:meth:`MoleculeEncoder.droppath_scales`); None draws them here.
+        ``qkv_parameters``: the stacked q/k/v weight and bias, if already made (the
+        encoder stacks those of all layers at once).
+
+        Three autograd nodes per layer (:mod:`.fused_layer`) where :meth:`fused` says so;
+        otherwise :meth:`forward_packed_autograd`. Same values either way.
         """
+        if not self.fused(droppath_scales):
+            return self.forward_packed_autograd(x, attn_bias, packing, droppath_scales)
+        scale_attn, scale_ffn = droppath_scales if droppath_scales else (None, None)
+        precision = Precision.of(x)
+        attn_mod = self.self_attn
+        weight, bias = qkv_parameters or attn_mod.qkv_parameters()
+        qkv = QKVGather.apply(x, weight, bias, packing.spread_index, attn_mod.num_heads,
+                              precision.mm)  # fmt: skip
+        attn = attn_mod.attend(qkv, head_major(attn_bias, precision.mm), packing.batch_size)
+        training = self.training
+        settings = (
+            self.activation_name,
+            self.act_dropout if training else 0.0,
+            self.dropout if training and self.droppath is None else 0.0,
+            (self.self_attn_layer_norm.eps, self.final_layer_norm.eps),
+            precision.mm,
+            precision.autocast,
+        )
+        ln1, ln2 = self.self_attn_layer_norm, self.final_layer_norm
+        return PostAttention.apply(
+            attn, x, packing.flat_index, scale_attn, scale_ffn,
+            attn_mod.out_proj.weight, attn_mod.out_proj.bias, ln1.weight, ln1.bias,
+            self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+            ln2.weight, ln2.bias, settings,
+        )  # fmt: skip
+
+    def forward_packed_autograd(
+        self,
+        x: torch.Tensor,
+        attn_bias: torch.Tensor,
+        packing: TokenPacking,
+        droppath_scales: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """:meth:`forward_packed` with autograd's own operators (the oracle of the fused
+        functions; the path of Pre-LN/sandwich layers and other activations)."""
         scale_attn, scale_ffn = droppath_scales if droppath_scales else (None, None)
         residual = x
         if self.sandwich_ln:
             x = self.self_attn_layer_norm(x)
-        x = self.self_attn.forward_packed(x, attn_bias, packing)
+        x = self.self_attn.forward_packed_autograd(x, attn_bias, packing)
         x = self._add_branch_packed(
             residual, x, packing, scale_attn, self.self_attn_sandwich_layer_norm
         )

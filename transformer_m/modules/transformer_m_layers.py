@@ -209,11 +209,13 @@ class MoleculeAttnBias(nn.Module):
         hop_matrices = self.edge_dis_encoder.weight.reshape(-1, H, H)[:num_hops]
         return torch.matmul(weight.unsqueeze(0), hop_matrices).reshape(-1, H)
 
-    def _pair_edge_bias(self, batched_data: dict, pairs: PairIndex) -> torch.Tensor:
+    def _pair_edge_bias(
+        self, batched_data: dict, pairs: PairIndex, spd: torch.Tensor
+    ) -> torch.Tensor:
+        """The edge bias [P, H] of the real pairs; ``spd`` [P]: their ``spatial_pos``."""
         if self.edge_type != "multi_hop":
             edge_type = pairs.gather(batched_data[keys.ATTN_EDGE_TYPE])  # [P, 3]
             return self.edge_encoder(edge_type).mean(-2)  # [P, H]
-        spd = pairs.gather(batched_data[keys.SPATIAL_POS])  # [P], SPD + 1
         # Divisor rule of the release: 0 (padding) -> 1, x > 1 -> x - 1, clamp to hops.
         divisor = torch.where(spd > 1, spd - 1, torch.ones_like(spd))
         edge_input = pairs.gather(batched_data[keys.EDGE_INPUT])  # [P, hops, 3]
@@ -234,25 +236,32 @@ class MoleculeAttnBias(nn.Module):
         x = batched_data[keys.X]
         n_graph, n_node = x.shape[:2]
         H = self.num_heads
-        bias = attn_bias.new_zeros(n_graph, H, n_node + 1, n_node + 1)  # [B, H, T, T]
         if not self.no_2d:
             if pairs is None:
                 pairs = PairIndex.from_padding_mask(x[:, :, 0].eq(0))
             spd = pairs.gather(batched_data[keys.SPATIAL_POS])  # [P]
             pair = self.spatial_pos_encoder(spd) + self._pair_edge_bias(
-                batched_data, pairs
+                batched_data, pairs, spd
             )  # [P, H]
+            grid = pairs.scatter_heads(pair, n_graph)  # [H, B, N, N]
             if mask_2d is not None:
-                pair = pair * mask_2d.index_select(0, pairs.batch).unsqueeze(-1)
-            grid = pairs.scatter(pair, n_graph)  # [B, N, N, H]
-            bias = F.pad(grid.permute(0, 3, 1, 2), (1, 0, 1, 0))  # [B, H, T, T]
-        # Graph-token virtual distance t: all of row 0, and column 0 of rows 1..N.
-        t = self.graph_token_virtual_distance.weight.view(H, 1, 1)
-        rows = torch.cat([t.expand(H, n_node, 1), t.new_zeros(H, n_node, n_node)], 2)
-        token = torch.cat([t.expand(H, 1, n_node + 1), rows], dim=1)  # [H, T, T]
-        bias = bias + token.unsqueeze(0)
-        # The release adds the collated bias at the start and again at the end.
-        return bias + (2.0 * attn_bias).unsqueeze(1)
+                grid = grid * mask_2d.view(1, -1, 1, 1).to(grid.dtype)
+        else:
+            weight = self.graph_token_virtual_distance.weight
+            grid = weight.new_zeros(H, n_graph, n_node, n_node)
+        bias = with_graph_token(grid, self.graph_token_virtual_distance.weight)
+        # The release adds the collated bias at the start and again at the end. Stored
+        # head-major ([H, B, T, T]): the layers use it without a copy.
+        return torch.add(bias, attn_bias.unsqueeze(0), alpha=2.0).transpose(0, 1)
+
+
+def with_graph_token(grid: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    """``[H, B, N, N]`` atom-pair bias -> ``[H, B, T, T]`` with the graph-token virtual
+    distance ``t`` ([1, H]) on all of row 0 and on column 0 of rows 1..N."""
+    H, n_graph, n_node, _ = grid.shape
+    t = distance.view(H, 1, 1, 1).to(grid.dtype)
+    rows = torch.cat([t.expand(H, n_graph, n_node, 1), grid], dim=3)  # [H, B, N, T]
+    return torch.cat([t.expand(H, n_graph, 1, n_node + 1), rows], dim=2)  # [H, B, T, T]
 
 
 def gaussian_basis(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor):
@@ -369,8 +378,10 @@ class Molecule3DBias(nn.Module):
 
     ``reference`` evaluates every (i, j) of the padded grid like the release. ``fast``
     evaluates real pairs only (sum_b n_b^2 rows instead of B N^2) with the fused
-    Gaussian; entries whose query atom is padding are then 0 instead of the release's
-    unused values, and real entries are identical.
+    Gaussian; entries of padded atoms (keys too) are then 0 instead of the release's
+    unused values or ``-inf`` (the encoder puts ``-inf`` on padded keys of the summed
+    bias), the bias is stored head-major (``[H, B, N, N]`` transposed), and real entries
+    are identical.
 
     Args:
         num_heads: H.
@@ -437,15 +448,14 @@ class Molecule3DBias(nn.Module):
     def _forward_fast(self, batched_data, pairs=None):
         pos, x = batched_data[keys.POS], batched_data[keys.X]
         n_graph, n_node = x.shape[:2]
-        padding_mask = x[:, :, 0].eq(0)  # [B, N]
         delta_pos, dist = self.unit_delta_pos(pos)
         if pairs is None:
-            pairs = PairIndex.from_padding_mask(padding_mask)
+            pairs = PairIndex.from_padding_mask(x[:, :, 0].eq(0))
         node_types = pairs.gather(batched_data[keys.NODE_TYPE_EDGE]).long()  # [P, 2]
         psi = self.gbf(pairs.gather(dist), node_types)  # [P, K]
-        grid = pairs.scatter(self.gbf_proj(psi), n_graph)  # [B, N, N, H]
-        bias = grid.permute(0, 3, 1, 2)  # [B, H, N, N]
-        bias = bias.masked_fill(padding_mask[:, None, None, :], float("-inf"))
+        grid = pairs.scatter_heads(self.gbf_proj(psi), n_graph)  # [H, B, N, N]
+        # 0 on padded pairs: the encoder puts -inf on padded keys of the summed bias
+        bias = grid.transpose(0, 1)  # [B, H, N, N], stored head-major
         summed = psi.new_zeros(n_graph * n_node, self.num_kernels)
         summed = summed.index_add(0, pairs.row, psi)  # [B*N, K]
         merged = self._project(summed.view(n_graph, n_node, -1))  # [B, N, D]

@@ -1,0 +1,143 @@
+"""The fused encoder layer (``transformer_m/modules/fused_layer.py``) computes what autograd's
+own operators compute: equal outputs and gradients without dropout (float32, and bfloat16
+autocast), exact gradients with dropout and DropPath (float64 ``gradcheck`` with the random
+draws fixed), and a layer is three autograd nodes."""
+import itertools
+
+import pytest
+import torch
+
+from transformer_m.modules.multihead_attention import TokenPacking
+from transformer_m.modules.transformer_m_encoder_layer import TransformerMEncoderLayer
+
+B, T, D, H, FFN = 3, 7, 16, 4, 24
+
+
+def _packing():
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[0, 5:] = True
+    pad[2, 3:] = True
+    return pad, TokenPacking.from_padding_mask(pad)
+
+
+def _layer(activation="gelu", p=0.0, droppath=0.0, training=True, dtype=torch.float32):
+    torch.manual_seed(0)
+    layer = TransformerMEncoderLayer(
+        embed_dim=D, ffn_embed_dim=FFN, num_heads=H, dropout=p, attention_dropout=p,
+        act_dropout=p, activation_fn=activation, droppath_prob=droppath,
+    )  # fmt: skip
+    return layer.to(dtype).train(training)
+
+
+def _inputs(pad, packing, dtype=torch.float32, droppath=False, neg=float("-inf")):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(len(packing.flat_index), D, generator=g, dtype=dtype).requires_grad_()
+    bias = torch.randn(B, H, T, T, generator=g, dtype=dtype)
+    bias = bias.masked_fill(pad[:, None, None, :], neg).requires_grad_()
+    scales = None
+    if droppath:
+        keep = (torch.rand(len(x), 1, generator=g) > 0.3).to(dtype)
+        scales = (keep / 0.7, torch.full((len(x), 1), 1 / 0.7, dtype=dtype))
+    return x, bias, scales
+
+
+def _run(fn, layer, x, bias, packing, scales):
+    torch.manual_seed(5)
+    y = fn(x, bias, packing, scales)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=y.dtype)
+    inputs = [x, bias] + list(layer.parameters())
+    return y, torch.autograd.grad(y, inputs, g, allow_unused=True)
+
+
+@pytest.mark.parametrize(
+    "activation,droppath,training",
+    list(itertools.product(["gelu", "relu"], [0.0, 0.2], [True, False])),
+)
+def test_fused_layer_equals_autograd_layer(activation, droppath, training):
+    pad, packing = _packing()
+    layer = _layer(activation, 0.0, droppath, training)
+    x, bias, scales = _inputs(pad, packing, droppath=droppath > 0 and training)
+    assert layer.fused(scales)
+    fused = _run(layer.forward_packed, layer, x, bias, packing, scales)
+    plain = _run(layer.forward_packed_autograd, layer, x, bias, packing, scales)
+    torch.testing.assert_close(fused[0], plain[0], rtol=0, atol=1e-6)
+    for a, b in zip(fused[1], plain[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_fused_layer_under_bf16_autocast_equals_autograd_layer():
+    """Autocast's choices made explicitly: products in bfloat16, LayerNorm and the residual
+    stream in float32, float32 gradients of the float32 weights."""
+    pad, packing = _packing()
+    layer = _layer("gelu", 0.0, 0.2, True)
+    x, bias, scales = _inputs(pad, packing, droppath=True)
+    outs = []
+    for fn in (layer.forward_packed, layer.forward_packed_autograd):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(_run(fn, layer, x, bias, packing, scales))
+    assert outs[0][0].dtype == outs[1][0].dtype == torch.float32
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=1e-6)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation,droppath", [("gelu", 0.0), ("relu", 0.2)])
+def test_fused_layer_gradients_with_dropout(activation, droppath):
+    """Dropout on the attention probabilities, after the activation and (without DropPath) on
+    the residual branches: analytic gradients equal numerical ones (float64, draws fixed)."""
+    pad, packing = _packing()
+    layer = _layer(activation, 0.3, droppath, True, torch.float64)
+    x, bias, scales = _inputs(pad, packing, torch.float64, droppath > 0, neg=-1e9)
+    assert layer.fused(scales)
+
+    def f(x, bias, *params):
+        torch.manual_seed(3)
+        return layer.forward_packed(x, bias, packing, scales)
+
+    assert torch.autograd.gradcheck(f, (x, bias, *layer.parameters()), eps=1e-6, atol=1e-5)
+
+
+def test_dropout_is_drawn_and_scaled():
+    pad, packing = _packing()
+    layer = _layer("gelu", 0.5, 0.0, True)
+    x, bias, _ = _inputs(pad, packing)
+    torch.manual_seed(0)
+    a = layer.forward_packed(x, bias, packing)
+    torch.manual_seed(0)
+    b = layer.forward_packed(x, bias, packing)
+    c = layer.forward_packed(x, bias, packing)
+    assert torch.equal(a, b) and not torch.equal(b, c)
+    assert torch.equal(layer.eval().forward_packed(x, bias, packing),
+                       layer.forward_packed_autograd(x, bias, packing))  # fmt: skip
+
+
+def _graph_nodes(tensor):
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return {type(n).__name__ for n in seen}, len(seen)
+
+
+def test_a_layer_is_three_autograd_nodes():
+    pad, packing = _packing()
+    layer = _layer("gelu", 0.1, 0.0, True)
+    x, bias, _ = _inputs(pad, packing)
+    names, count = _graph_nodes(layer.forward_packed(x, bias, packing))
+    assert {"QKVGatherBackward", "BiasedAttentionBackward", "PostAttentionBackward"} <= names
+    # the three nodes, the head-major bias view and the 16 parameters' AccumulateGrad
+    assert count <= 3 + 3 + 2 + 16 + 6, names
+    _, plain = _graph_nodes(layer.forward_packed_autograd(x, bias, packing))
+    assert plain > 2 * count
+
+
+def test_sandwich_layers_take_the_autograd_path():
+    layer = TransformerMEncoderLayer(embed_dim=D, ffn_embed_dim=FFN, num_heads=H,
+                                     sandwich_ln=True)  # fmt: skip
+    assert not layer.fused(None)
+    droppath = _layer("gelu", 0.0, 0.2, True)
+    assert not droppath.fused(None) and droppath.eval().fused(None)
