@@ -133,3 +133,83 @@ def test_multiply_grads_equals_fairseq(factor):
     FairseqAdam(_cfg(), ref_params).multiply_grads(factor)
     for a, b in zip(ours_params, ref_params):
         assert torch.equal(a.grad, b.grad)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+def _train(model, opt, steps=5, replace_grads=False):
+    g = torch.Generator().manual_seed(9)
+    for step in range(steps):
+        opt.zero_grad()
+        x = torch.randn(4, 5, generator=g)
+        loss = model(x).pow(2).sum()
+        opt.backward(loss)
+        if replace_grads:  # e.g. a wrapper that assigns .grad: caught, copied into the buffer
+            for p in model.parameters():
+                p.grad = p.grad.clone()
+        opt.multiply_grads(0.5)
+        opt.clip_grad_norm(0.3)
+        opt.set_lr(1e-2)
+        opt.step()
+
+
+@pytest.mark.parametrize("replace_grads", [False, True])
+def test_flat_parameters_update_like_separate_tensors(replace_grads):
+    flat_model, plain_model = _model(), _model()
+    flat = FusedAdam(_cfg(), list(flat_model.parameters()))
+    plain = FusedAdam(SimpleNamespace(**vars(_cfg()), no_flat_params=True),
+                      list(plain_model.parameters()))  # fmt: skip
+    assert flat.flat is not None and plain.flat is None and len(list(flat.params)) == 1
+    _train(flat_model, flat, replace_grads=replace_grads)
+    _train(plain_model, plain)
+    buffer = flat.flat.param
+    for a, b in zip(flat_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+        assert a.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+        assert a.grad.untyped_storage().data_ptr() == flat.flat.grad.untyped_storage().data_ptr()
+
+
+def test_flat_optimizer_is_one_kernel_per_operation():
+    """zero_grad, multiply_grads, clip_grad_norm and step cost a few ATen calls, not a few per
+    parameter tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(30)])  # 60 tensors
+    opt = FusedAdam(_cfg(), list(model.parameters()))
+    opt.backward(model(torch.randn(2, 4)).sum())
+    calls = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        opt.multiply_grads(0.5)
+        opt.clip_grad_norm(1.0)
+        opt.step()
+        opt.zero_grad()
+    assert len(calls) < 20, calls
+
+
+def test_optimizer_state_converts_between_flat_and_per_tensor_checkpoints():
+    plain_model, flat_model, again = _model(), _model(), _model()
+    plain_cfg = SimpleNamespace(**vars(_cfg()), no_flat_params=True)
+    plain = FusedAdam(plain_cfg, list(plain_model.parameters()))
+    _train(plain_model, plain)
+    flat_model.load_state_dict(plain_model.state_dict())
+    flat = FusedAdam(_cfg(), list(flat_model.parameters()))
+    flat.load_state_dict(copy.deepcopy(plain.state_dict()))  # per-tensor -> flat
+    back = FusedAdam(plain_cfg, list(again.parameters()))
+    back.load_state_dict(copy.deepcopy(flat.state_dict()))  # flat -> per-tensor
+    _train(plain_model, plain, steps=2)
+    _train(flat_model, flat, steps=2)
+    for a, b in zip(plain_model.parameters(), flat_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    state = back.state_dict()["state"]
+    assert len(state) == len(list(again.parameters()))
+    for i, p in enumerate(again.parameters()):
+        assert state[i]["exp_avg"].shape == state[i]["exp_avg_sq"].shape == p.shape

@@ -120,9 +120,14 @@ class QKVGather(torch.autograd.Function):
     def backward(ctx, grad):
         xc, wc, spread_index = ctx.saved_tensors
         n_rows, num_heads, head_dim = ctx.shape
+        # zeros laid out [M, 3, H, hd], summed into as [3, H, M, hd]
         grad_y = grad.new_zeros(n_rows, 3, num_heads, head_dim)
-        grad_y.permute(1, 2, 0, 3).index_add_(2, spread_index, grad)
-        grad_y = grad_y.view(n_rows, -1)
+        if torch.compiler.is_compiling():  # a mutation through a permuted view does not trace
+            summed = grad_y.permute(1, 2, 0, 3).index_add(2, spread_index, grad)
+            grad_y = summed.permute(2, 0, 1, 3)
+        else:
+            grad_y.permute(1, 2, 0, 3).index_add_(2, spread_index, grad)
+        grad_y = grad_y.reshape(n_rows, -1)
         grad_x, grad_w, grad_b = _linear_backward(grad_y, xc, wc, ctx.needs_input_grad[0])
         return grad_x, grad_w, grad_b, None, None, None
 

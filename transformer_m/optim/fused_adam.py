@@ -9,7 +9,14 @@ never reads a value back to the host.
 
 With ``--fp16`` fairseq wraps it in ``FP16Optimizer``, which keeps one flat fp32 master
 copy of the weights (``supports_flat_params``); with fp32 weights (the default, or the
-model's ``--bf16-autocast``) it updates the weights directly.
+model's ``--bf16-autocast``) it updates the weights directly, and by default makes them flat
+itself (:class:`FlatParameters`): every parameter and every gradient becomes a view into one
+buffer, so that scaling, clipping, zeroing and the Adam update are one kernel each, whatever
+the number of parameter tensors (a multi-tensor kernel still works per tensor: on the CPU it
+is a loop of per-tensor operators, on a GPU a launch per chunk of tensors). As with fairseq's
+flat ``--fp16`` master weights, a parameter that got no gradient in an update has a zero
+gradient rather than none (Adam then still decays it); ``--no-flat-params`` keeps the
+per-tensor update that skips such parameters.
 
 Numerics: the update is fairseq's ``adam`` (AdamW: decoupled weight decay) except for
 where ``eps`` enters: fairseq divides by ``sqrt(v) + eps`` before the bias correction of
@@ -49,6 +56,13 @@ class FusedAdamConfig(FairseqDataclass):
             "auto: fused where torch supports it for the parameters, else foreach"
         },
     )
+    no_flat_params: bool = field(
+        default=False,
+        metadata={
+            "help": "keep the parameters and gradients as separate tensors (by default they "
+            "become views into one buffer: one kernel per optimizer operation)"
+        },
+    )
     lr: List[float] = II("optimization.lr")
 
 
@@ -75,6 +89,72 @@ def fused_supported(params: List[torch.Tensor]) -> bool:
     )
 
 
+class FlatParameters:
+    """Parameters and gradients made views into one parameter and one gradient buffer.
+
+    ``p.data`` of every parameter becomes a view into :attr:`param`, and ``p.grad`` a view
+    into :attr:`grad` (autograd then accumulates into it in place). Whoever replaces a
+    ``.grad`` (``p.grad = None`` or a new tensor) is caught by :meth:`sync_grads`, which copies
+    the value into the buffer and restores the view.
+
+    Args:
+        params: dense tensors of one device and dtype.
+    """
+
+    def __init__(self, params: List[torch.Tensor]):
+        self.params = list(params)
+        first = self.params[0]
+        total = sum(p.numel() for p in self.params)
+        self.param = torch.empty(total, dtype=first.dtype, device=first.device)
+        self.grad = torch.zeros_like(self.param)
+        self.param.grad = self.grad
+        self.grad_views = []
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                n = p.numel()
+                view = self.param[offset : offset + n].view_as(p)
+                view.copy_(p)
+                p.data = view
+                grad = self.grad[offset : offset + n].view_as(p)
+                if p.grad is not None:
+                    grad.copy_(p.grad)
+                p.grad = grad
+                self.grad_views.append(grad)
+                offset += n
+
+    @staticmethod
+    def supported(params: List[torch.Tensor]) -> bool:
+        """Dense floating-point tensors on one device, of one dtype, more than one."""
+        if len(params) < 2:
+            return False
+        first = params[0]
+        return all(
+            p.layout == torch.strided and p.dtype == first.dtype and p.device == first.device
+            and torch.is_floating_point(p)
+            for p in params
+        )  # fmt: skip
+
+    def sync_grads(self) -> None:
+        """Put every gradient that is no longer a view of :attr:`grad` back into it."""
+        self.param.grad = self.grad
+        for p, view in zip(self.params, self.grad_views):
+            grad = p.grad
+            if grad is view:
+                continue
+            with torch.no_grad():
+                if grad is None:
+                    view.zero_()
+                else:
+                    view.copy_(grad)
+            p.grad = view
+
+    def zero_grad(self) -> None:
+        """Zero all gradients (one kernel)."""
+        self.sync_grads()
+        self.grad.zero_()
+
+
 @register_optimizer("fused_adam", dataclass=FusedAdamConfig)
 class FusedAdam(FairseqOptimizer):
     """AdamW for fairseq as one fused or a few multi-tensor kernels (see the module doc).
@@ -95,13 +175,21 @@ class FusedAdam(FairseqOptimizer):
         if impl == "auto":
             impl = "fused" if fused_supported(flat) else "foreach"
         self.impl = impl
+        self.flat = None
+        plain = not any(isinstance(item, dict) for item in params)
+        if plain and not getattr(cfg, "no_flat_params", False) and FlatParameters.supported(flat):
+            self.flat = FlatParameters(flat)
+            params = [self.flat.param]
         self._optimizer = torch.optim.AdamW(
             params,
             **self.optimizer_config,
             fused=impl == "fused",
             foreach=impl == "foreach",
         )
-        logger.info("fused_adam: torch.optim.AdamW, %s implementation", impl)
+        logger.info(
+            "fused_adam: torch.optim.AdamW, %s implementation, %s", impl,
+            f"{len(flat)} parameter tensors in one flat buffer" if self.flat else "per tensor",
+        )  # fmt: skip
 
     @property
     def optimizer_config(self):
@@ -118,9 +206,44 @@ class FusedAdam(FairseqOptimizer):
     def supports_flat_params(self):
         return True
 
+    def _grads(self) -> List[torch.Tensor]:
+        """The gradients to scale and clip: the flat buffer, or each tensor's."""
+        if self.flat is not None:
+            self.flat.sync_grads()
+            return [self.flat.grad]
+        return [p.grad for p in self.params if p.grad is not None]
+
+    def zero_grad(self):
+        """Zero the gradients (flat: one kernel, the views stay); else set them to None."""
+        if self.flat is not None:
+            self.flat.zero_grad()
+        else:
+            super().zero_grad()
+
+    def step(self, closure=None, scale=1.0, groups=None):
+        """One AdamW update (``scale``: the gradients are divided by it first)."""
+        if self.flat is not None:
+            self.flat.sync_grads()
+        super().step(closure, scale, groups)
+
+    def state_dict(self):
+        return self._optimizer.state_dict()
+
+    def load_state_dict(self, state_dict, optimizer_overrides=None):
+        """Load a checkpoint's optimizer state, converting between the flat and the per-tensor
+        layout when it was saved with the other one (same parameters, same order)."""
+        ours = [p for group in self.param_groups for p in group["params"]]
+        theirs = [i for group in state_dict["param_groups"] for i in group["params"]]
+        if len(theirs) != len(ours):
+            if self.flat is not None and len(theirs) == len(self.flat.params):
+                state_dict = _flatten_state(state_dict, self.flat.params)
+            elif self.flat is None and len(theirs) == 1:
+                state_dict = _split_state(state_dict, ours)
+        super().load_state_dict(state_dict, optimizer_overrides)
+
     def multiply_grads(self, c):
-        """Multiply the gradients by ``c`` (number or tensor) in one multi-tensor kernel."""
-        grads = [p.grad for p in self.params if p.grad is not None]
+        """Multiply the gradients by ``c`` (number or tensor) in one (multi-tensor) kernel."""
+        grads = self._grads()
         if grads:
             torch._foreach_mul_(grads, c.to(grads[0].device) if torch.is_tensor(c) else c)
 
@@ -130,16 +253,53 @@ class FusedAdam(FairseqOptimizer):
         Same result as fairseq's ``utils.clip_grad_norm_`` with two multi-tensor kernels
         instead of one norm per gradient; nothing is read back to the host.
         """
-        grads = [p.grad for p in self.params if p.grad is not None]  # no autograd history
+        grads = self._grads()  # no autograd history
         if not grads:
             params = list(self.params)
             return params[0].new_tensor(0.0) if params else torch.tensor(0.0)
         # One process per device in fairseq: all gradients share a device.
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        total_norm = torch.linalg.vector_norm(torch.stack(norms))
+        if len(grads) == 1:
+            total_norm = torch.linalg.vector_norm(grads[0], 2, dtype=torch.float32)
+        else:
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            total_norm = torch.linalg.vector_norm(torch.stack(norms))
         if aggregate_norm_fn is not None:
             total_norm = aggregate_norm_fn(total_norm)
         if max_norm > 0:
             clip_coef = (float(max_norm) / (total_norm + 1e-6)).clamp_(max=1)
-            torch._foreach_mul_(grads, clip_coef)
+            if len(grads) == 1:
+                grads[0].mul_(clip_coef.to(grads[0].dtype))
+            else:
+                torch._foreach_mul_(grads, clip_coef)
         return total_norm
+
+
+def _flatten_state(state_dict: dict, params: List[torch.Tensor]) -> dict:
+    """A per-tensor AdamW state dict (one group, ``params`` in order) as the flat layout's."""
+    group = state_dict["param_groups"][0]
+    ids = group["params"]
+    states = [state_dict["state"].get(i, {}) for i in ids]
+    flat_state = {}
+    if all(states):
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if key in states[0]:
+                flat_state[key] = torch.cat([s[key].reshape(-1) for s in states])
+        flat_state["step"] = states[0]["step"]
+    logger.info("fused_adam: per-tensor optimizer state of %d tensors made flat", len(ids))
+    return {"state": {0: flat_state} if flat_state else {},
+            "param_groups": [dict(group, params=[0])]}  # fmt: skip
+
+
+def _split_state(state_dict: dict, params: List[torch.Tensor]) -> dict:
+    """A flat AdamW state dict as the per-tensor layout's (``params`` in order)."""
+    group = state_dict["param_groups"][0]
+    flat_state = state_dict["state"].get(group["params"][0], {})
+    state, offset = {}, 0
+    for i, p in enumerate(params):
+        n = p.numel()
+        if flat_state:
+            state[i] = {k: (v[offset : offset + n].view_as(p) if k != "step" else v)
+                        for k, v in flat_state.items()}  # fmt: skip
+        offset += n
+    logger.info("fused_adam: flat optimizer state split into %d tensors", len(params))
+    return {"state": state, "param_groups": [dict(group, params=list(range(len(params))))]}
