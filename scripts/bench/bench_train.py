@@ -734,6 +734,11 @@ def run(args) -> dict:
     return report(children, args, data, cuda)
 
 
+def _spread(values) -> str:
+    """``(min-max)`` of per-window figures."""
+    return f"({min(values):.1f}-{max(values):.1f})" if values else "-"
+
+
 def _rate(windows, key):
     return statistics.median(w[key] / w["seconds"] for w in windows) if windows else None
 
@@ -757,6 +762,8 @@ def report(children, args, data, cuda) -> dict:
             e2e_over_ceiling=ups / cups if ups and cups else None,
             gpu_util=statistics.mean(util) if util else None,
             windows=len(res["train"]),
+            ms_per_update_windows=[round(1e3 * w["seconds"] / w["updates"], 2)
+                                   for w in tr if w["updates"]],
         )  # fmt: skip
         if res["count"]:
             ops, syncs = res["count"]["ops"], res["count"]["syncs"]
@@ -774,6 +781,7 @@ def report(children, args, data, cuda) -> dict:
     print(f"\nfairseq-train, model size {args.model!r}, {dev}; medians of {args.rounds} windows "
           f"of {args.window} s each (batch: molecules per update; N: padded atoms)")  # fmt: skip
     head = (f"{'config':<17} {'batch':>5} {'N':>4} {'upd/s':>8} {'mol/s':>9} {'ms/upd':>8} "
+            f"{'(min-max)':>13} "
             f"{'ceil upd/s':>10} "
             f"{'e2e/ceil':>8} {'GPU %':>6} {'ops model':>9} {'ops rest':>9} "
             f"{'non-view':>9} {'syncs model':>11} {'syncs rest':>10}")  # fmt: skip
@@ -790,6 +798,7 @@ def report(children, args, data, cuda) -> dict:
         print(f"{row['config']:<17} {fmt(row['batch'], '5.0f')} {fmt(row['padded_atoms'], '4.0f')} "
               f"{fmt(row['updates_per_s'], '8.2f')} "
               f"{fmt(row['molecules_per_s'], '9.0f')} {fmt(row['ms_per_update'], '8.2f')} "
+              f"{_spread(row['ms_per_update_windows']):>13} "
               f"{fmt(row['ceiling_updates_per_s'], '10.2f')} "
               f"{fmt(row['e2e_over_ceiling'], '8.2f')} {fmt(row['gpu_util'], '6.0f')} "
               f"{fmt(row.get('ops_model'), '9d')} {fmt(row.get('ops_rest'), '9d')} "

@@ -10,13 +10,15 @@ never reads a value back to the host.
 With ``--fp16`` fairseq wraps it in ``FP16Optimizer``, which keeps one flat fp32 master
 copy of the weights (``supports_flat_params``); with fp32 weights (the default, or the
 model's ``--bf16-autocast``) it updates the weights directly, and by default makes them flat
-itself (:class:`FlatParameters`): every parameter and every gradient becomes a view into one
-buffer, so that scaling, clipping, zeroing and the Adam update are one kernel each, whatever
-the number of parameter tensors (a multi-tensor kernel still works per tensor: on the CPU it
-is a loop of per-tensor operators, on a GPU a launch per chunk of tensors). As with fairseq's
-flat ``--fp16`` master weights, a parameter that got no gradient in an update has a zero
-gradient rather than none (Adam then still decays it); ``--no-flat-params`` keeps the
-per-tensor update that skips such parameters.
+itself (:class:`FlatParameters`): every parameter becomes a view into one buffer and the
+gradients are concatenated into one (one kernel), so that scaling, clipping and the Adam update
+are one kernel each, whatever the number of parameter tensors (a multi-tensor kernel still
+works per tensor: on the CPU it is a loop of per-tensor operators, on a GPU a launch per chunk
+of tensors). The scaled and clipped gradient is the flat one; ``p.grad`` keeps what backward
+made, as fairseq's ``--fp16`` keeps the fp16 gradients. As with fairseq's flat ``--fp16``
+master weights, a parameter that got no gradient in an update has a zero gradient rather than
+none (Adam then still decays it); ``--no-flat-params`` keeps the per-tensor update that skips
+such parameters.
 
 Numerics: the update is fairseq's ``adam`` (AdamW: decoupled weight decay) except for
 where ``eps`` enters: fairseq divides by ``sqrt(v) + eps`` before the bias correction of
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Tuple
 
 import torch
+from torch._utils import _flatten_dense_tensors
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.optim import FairseqOptimizer, register_optimizer
 from omegaconf import II, OmegaConf
@@ -90,15 +93,15 @@ def fused_supported(params: List[torch.Tensor]) -> bool:
 
 
 class FlatParameters:
-    """Parameters and gradients made views into one parameter and one gradient buffer.
+    """Parameters made views into one buffer, their gradients gathered into one per update.
 
-    ``p.data`` of every parameter becomes a view into :attr:`param`, and ``p.grad`` a view
-    into :attr:`grad` (autograd then accumulates into it in place). Whoever replaces a
-    ``.grad`` (``p.grad = None`` or a new tensor) is caught by :meth:`sync_grads`, which copies
-    the value into the buffer and restores the view.
+    ``p.data`` of every parameter becomes a view into :attr:`param`, so that the optimizer
+    updates all of them with one kernel. Gradients stay what autograd makes them (no kernel
+    in the backward pass); :meth:`gather_grads` concatenates them into ``param.grad`` with one
+    kernel (a parameter without a gradient counts as a zero gradient).
 
     Args:
-        params: dense tensors of one device and dtype.
+        params: dense floating-point tensors of one device and dtype.
     """
 
     def __init__(self, params: List[torch.Tensor]):
@@ -106,9 +109,6 @@ class FlatParameters:
         first = self.params[0]
         total = sum(p.numel() for p in self.params)
         self.param = torch.empty(total, dtype=first.dtype, device=first.device)
-        self.grad = torch.zeros_like(self.param)
-        self.param.grad = self.grad
-        self.grad_views = []
         offset = 0
         with torch.no_grad():
             for p in self.params:
@@ -116,12 +116,8 @@ class FlatParameters:
                 view = self.param[offset : offset + n].view_as(p)
                 view.copy_(p)
                 p.data = view
-                grad = self.grad[offset : offset + n].view_as(p)
-                if p.grad is not None:
-                    grad.copy_(p.grad)
-                p.grad = grad
-                self.grad_views.append(grad)
                 offset += n
+        self.gathered = False
 
     @staticmethod
     def supported(params: List[torch.Tensor]) -> bool:
@@ -131,28 +127,27 @@ class FlatParameters:
         first = params[0]
         return all(
             p.layout == torch.strided and p.dtype == first.dtype and p.device == first.device
-            and torch.is_floating_point(p)
+            and torch.is_floating_point(p) and p.is_contiguous()
             for p in params
         )  # fmt: skip
 
-    def sync_grads(self) -> None:
-        """Put every gradient that is no longer a view of :attr:`grad` back into it."""
-        self.param.grad = self.grad
-        for p, view in zip(self.params, self.grad_views):
-            grad = p.grad
-            if grad is view:
-                continue
-            with torch.no_grad():
-                if grad is None:
-                    view.zero_()
-                else:
-                    view.copy_(grad)
-            p.grad = view
+    def gather_grads(self) -> torch.Tensor:
+        """``param.grad``: the parameters' gradients concatenated (once per backward pass)."""
+        if not self.gathered:
+            grads = [p.grad for p in self.params]
+            if any(g is None for g in grads):
+                grads = [torch.zeros_like(p) if g is None else g
+                         for p, g in zip(self.params, grads)]  # fmt: skip
+            self.param.grad = _flatten_dense_tensors(grads)
+            self.gathered = True
+        return self.param.grad
 
     def zero_grad(self) -> None:
-        """Zero all gradients (one kernel)."""
-        self.sync_grads()
-        self.grad.zero_()
+        """Drop all gradients (autograd makes new ones)."""
+        for p in self.params:
+            p.grad = None
+        self.param.grad = None
+        self.gathered = False
 
 
 @register_optimizer("fused_adam", dataclass=FusedAdamConfig)
@@ -209,21 +204,26 @@ class FusedAdam(FairseqOptimizer):
     def _grads(self) -> List[torch.Tensor]:
         """The gradients to scale and clip: the flat buffer, or each tensor's."""
         if self.flat is not None:
-            self.flat.sync_grads()
-            return [self.flat.grad]
+            return [self.flat.gather_grads()]
         return [p.grad for p in self.params if p.grad is not None]
 
     def zero_grad(self):
-        """Zero the gradients (flat: one kernel, the views stay); else set them to None."""
+        """Set the gradients to None."""
         if self.flat is not None:
             self.flat.zero_grad()
         else:
             super().zero_grad()
 
+    def backward(self, loss):
+        """``loss.backward()``; new gradients are gathered again."""
+        if self.flat is not None:
+            self.flat.gathered = False
+        super().backward(loss)
+
     def step(self, closure=None, scale=1.0, groups=None):
         """One AdamW update (``scale``: the gradients are divided by it first)."""
         if self.flat is not None:
-            self.flat.sync_grads()
+            self.flat.gather_grads()
         super().step(closure, scale, groups)
 
     def state_dict(self):
