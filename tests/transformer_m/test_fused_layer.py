@@ -141,3 +141,48 @@ def test_sandwich_layers_take_the_autograd_path():
     assert not layer.fused(None)
     droppath = _layer("gelu", 0.0, 0.2, True)
     assert not droppath.fused(None) and droppath.eval().fused(None)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_rotated_attention_gradients(p):
+    """The denoising head's attention node: exact gradients (float64, draws fixed), also for
+    the unit vectors."""
+    from transformer_m.modules.fused_layer import RotatedAttention
+
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(3, H * B, 5, 4, generator=g, dtype=torch.float64).requires_grad_()
+    bias = torch.randn(H * B, 5, 5, generator=g, dtype=torch.float64).requires_grad_()
+    delta = torch.randn(B, 5, 5, 3, generator=g, dtype=torch.float64).requires_grad_()
+
+    def f(qkv, bias, delta):
+        torch.manual_seed(3)
+        return RotatedAttention.apply(qkv, bias, delta, 0.5, p)
+
+    assert torch.autograd.gradcheck(f, (qkv, bias, delta), eps=1e-6, atol=1e-6)
+
+
+def test_atom_head_on_packed_tokens_equals_the_release_layout():
+    """``AtomTaskHead.forward_packed`` (packed tokens, head-major bias) computes
+    ``forward`` (the release's [N, B, D] layout): outputs and parameter gradients."""
+    from transformer_m.modules.transformer_m_layers import AtomTaskHead
+
+    torch.manual_seed(0)
+    head = AtomTaskHead(embed_dim=D, num_heads=H, attention_dropout=0.0).train()
+    pad, packing = _packing()
+    n = T - 1
+    g = torch.Generator().manual_seed(4)
+    xs = torch.randn(len(packing.flat_index), D, generator=g, requires_grad=True)
+    bias = torch.randn(B, H, n, n, generator=g)
+    bias = bias.masked_fill(pad[:, None, None, 1:], float("-inf"))
+    delta = torch.nn.functional.normalize(torch.randn(B, n, n, 3, generator=g), dim=-1)
+    spread = packing.spread_index.view(B, T)[:, 1:].reshape(-1)
+    packed = head.forward_packed(xs, spread, bias, delta)
+    grid = packing.unpack(xs).transpose(0, 1)[1:]  # [N, B, D] atom tokens
+    plain = head(grid, bias, delta)
+    real = ~pad[:, 1:]
+    torch.testing.assert_close(packed[real], plain[real], rtol=0, atol=1e-6)
+    w = torch.randn(B, n, 3, generator=g) * real[..., None]
+    grads = [torch.autograd.grad((out * w).sum(), [xs] + list(head.parameters()))
+             for out in (packed, plain)]  # fmt: skip
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

@@ -235,7 +235,8 @@ def test_fast_training_loss_curve_equals_reference():
     curves = {}
     for impl in ("fast", "reference"):
         model = FairseqLikeModel(tiny_net(impl, dropout=0.0, attention_dropout=0.0,
-                                          act_dropout=0.0, droppath_prob=0.0))  # fmt: skip
+                                          act_dropout=0.0, droppath_prob=0.0,
+                                          atom_head_dropout=0.0))  # fmt: skip
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         torch.manual_seed(11)

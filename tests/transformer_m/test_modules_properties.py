@@ -411,3 +411,23 @@ def test_kernels_equal_to_embed_dim_use_no_edge_proj():
         outs.append(forward(model, scenario_batch("out_3d")))
     tokens = token_mask(scenario_batch("out_3d"))
     close(outs[1][0][tokens], outs[0][0][tokens])
+
+
+@pytest.mark.parametrize("mode_prob", [(0.2, 0.2, 0.6), (0.0, 0.5, 0.5), (0.3, 0.7, 0.0)])
+def test_mode_draws_by_inversion_have_the_mode_probabilities(mode_prob):
+    """``draw_modes`` (inversion of the cumulative probabilities, the training draw) keeps
+    each mode's frequency, never draws a zero-probability mode and follows its generator."""
+    from transformer_m.modules.utils import draw_mode_choice
+
+    n = 20000
+    choice = draw_mode_choice(n, mode_prob, torch.Generator().manual_seed(0))
+    assert choice.dtype == torch.long and choice.shape == (n,)
+    freq = torch.bincount(choice, minlength=3).double() / n
+    # binomial standard deviation at n = 20000 is <= 0.0036: 5 sigma
+    torch.testing.assert_close(freq, torch.tensor(mode_prob, dtype=torch.float64),
+                               rtol=0, atol=0.018)  # fmt: skip
+    for mode, p in enumerate(mode_prob):
+        if p == 0:
+            assert not (choice == mode).any()
+    again = draw_mode_choice(n, mode_prob, torch.Generator().manual_seed(0))
+    assert torch.equal(choice, again)

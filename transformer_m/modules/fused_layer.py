@@ -274,3 +274,62 @@ def _residual_backward(grad, scale, mask, p):
     if scale is not None:
         return grad, grad * scale
     return grad, _dropout_backward(grad, mask, p)
+
+
+class RotatedAttention(torch.autograd.Function):
+    """The denoising head's attention: ``out[h, b, c] = (A[h, b] * rhat[b, c]) @ v[h, b]`` with
+    ``A = dropout(softmax(scale * q k^T + bias))`` (softmax in float32, as released).
+
+    One node with a hand-written backward; the ``[H, B, 3, N, N]`` product of the probabilities
+    and the unit vectors exists only while it is multiplied (recomputed in backward).
+
+    Args (of ``apply``):
+        qkv: [3, H*B, N, hd] (head-major rows ``h * B + b``).
+        bias: [H*B, N, N] in the dtype of ``qkv`` (any strides).
+        delta_pos: [B, N, N, 3] unit vectors ``rhat_ij``.
+        scale: factor of ``q k^T``.
+        p: dropout probability on the attention probabilities (0: none).
+
+    Returns:
+        [H*B, 3*N, hd]: rows ``(c, i)`` of each head and molecule.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, bias, delta_pos, scale, p):
+        q, k, v = qkv.unbind(0)
+        rows, n, _ = q.shape
+        bsz = delta_pos.shape[0]
+        logits = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)  # [R, N, N]
+        probs32 = torch.softmax(logits, -1, dtype=softmax_dtype(logits.dtype))
+        dropped, mask = _dropout(cast(probs32, logits.dtype), p)
+        rhat = cast(delta_pos, dropped.dtype).permute(0, 3, 1, 2).contiguous()  # [B, 3, N, N]
+        rotated = dropped.view(rows // bsz, bsz, 1, n, n) * rhat.unsqueeze(0)  # [H, B, 3, N, N]
+        ctx.save_for_backward(qkv, probs32, dropped, mask, rhat)
+        ctx.scale, ctx.p = scale, p
+        return torch.bmm(rotated.reshape(rows, 3 * n, n), v)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qkv, probs32, dropped, mask, rhat = ctx.saved_tensors
+        q, k, v = qkv.unbind(0)
+        rows, n, _ = q.shape
+        bsz = rhat.shape[0]
+        split = dropped.view(rows // bsz, bsz, 1, n, n)
+        rotated = (split * rhat.unsqueeze(0)).reshape(rows, 3 * n, n)
+        grad_qkv = torch.empty_like(qkv)
+        torch.bmm(rotated.transpose(1, 2), grad, out=grad_qkv[2])  # dv
+        grad_rot = torch.bmm(grad, v.transpose(1, 2)).view(rows // bsz, bsz, 3, n, n)
+        # (the [B, 3, N, N] layout of rhat is its own: grad_delta is permuted back below)
+        grad_delta = None
+        if ctx.needs_input_grad[2]:
+            grad_delta = (grad_rot * split).sum(0).permute(0, 2, 3, 1)  # [B, N, N, 3]
+        grad_dropped = (grad_rot * rhat.unsqueeze(0)).sum(2).view(rows, n, n)
+        grad_probs = _dropout_backward(grad_dropped, mask, ctx.p)
+        grad_logits = torch.ops.aten._softmax_backward_data(
+            cast(grad_probs, probs32.dtype), probs32, -1, probs32.dtype
+        )
+        grad_logits = cast(grad_logits, qkv.dtype)
+        torch.bmm(grad_logits, k, out=grad_qkv[0])
+        torch.bmm(grad_logits.transpose(1, 2), q, out=grad_qkv[1])
+        grad_qkv[:2].mul_(ctx.scale)
+        return grad_qkv, grad_logits, grad_delta, None, None

@@ -141,11 +141,9 @@ class PairIndex:
         return flat.index_select(0, self.flat)
 
     def scatter_heads(self, values: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Per-pair rows ``values`` [P, H] into a zero grid, head-major: [H, B, N, N]."""
-        n = self.num_atoms
-        out = values.new_zeros(values.shape[-1], batch_size * n * n)
-        out = out.index_copy(1, self.flat, values.t())
-        return out.view(values.shape[-1], batch_size, n, n)
+        """Per-pair rows ``values`` [P, H] into a zero grid, as [H, B, N, N] (a permuted view
+        of [B, N, N, H]: an ``index_copy`` along dim 0 is the fast one on every device)."""
+        return self.scatter(values, batch_size).permute(3, 0, 1, 2)
 
     def scatter(self, values: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Per-pair rows ``values`` [P, C] into a zero grid [B, N, N, C]."""

@@ -1,6 +1,7 @@
 """The Transformer-M molecule encoder (``encoder.molecule_encoder`` in checkpoints)."""
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,14 +17,16 @@ from .transformer_m_layers import (
     Molecule3DBias,
     MoleculeAttnBias,
 )
+from .fused_layer import cast
 from .utils import (
     DEFAULT_MODE_PROB,
     MODE_3D,
+    MODE_MASKS,
+    draw_modes,
     ModeGenerator,
     check_implementation,
     draw_mode_choice,
     dropout,
-    mode_masks,
     parse_mode_prob,
 )
 
@@ -200,10 +203,12 @@ class MoleculeEncoder(nn.Module):
         # Tensors the forward pass needs on the device; as buffers they move with the
         # module, so no host-to-device copy (which waits for the device) per update.
         # Not persistent: the state dict keeps the released names only.
+        # cumulative (p0, p0 + p1) of the mode probabilities: draws by inversion (draw_modes)
+        cdf = np.cumsum(np.asarray(self.mode_prob or DEFAULT_MODE_PROB, dtype=np.float64))[:2]
+        self.register_buffer("mode_cdf", torch.tensor(cdf, dtype=torch.float32), persistent=False)
+        # rows of MODE_MASKS: (mask_2d, mask_3d) of each mode, looked up in one gather
         self.register_buffer(
-            "mode_prob_tensor",
-            torch.tensor(self.mode_prob or DEFAULT_MODE_PROB, dtype=torch.float32),
-            persistent=False,
+            "mode_mask_table", torch.tensor(MODE_MASKS, dtype=torch.float32), persistent=False
         )
         keep = [1.0 - p for p in droppath_probs if p > 0.0]
         self.register_buffer(
@@ -330,12 +335,14 @@ class MoleculeEncoder(nn.Module):
         mask_2d = mask_3d = None
         training_masks = mode_choice is not None or self.mode_prob is not None
         if self.training and training_masks:
-            if mode_choice is None:
-                mode_choice = draw_mode_choice(
-                    n_mol, self.mode_prob, generator, probs=self.mode_prob_tensor
-                )
+            if mode_choice is None and generator is None:
+                mode_choice = draw_modes(n_mol, self.mode_cdf)
+            elif mode_choice is None:
+                mode_choice = draw_mode_choice(n_mol, self.mode_prob, generator)
             like = pos if pos is not None else self.atom_feature.graph_token.weight
-            mask_2d, mask_3d = mode_masks(mode_choice, like)
+            table = self.mode_mask_table
+            masks = table.index_select(0, mode_choice.to(table.device))  # [B, 2]
+            mask_2d, mask_3d = cast(masks, like.dtype).unbind(1)
         else:
             mode_choice = None
 
@@ -434,12 +441,16 @@ class MoleculeEncoder(nn.Module):
         atom_output = None
         if delta_pos is not None and self.atom_proc is not None:
             atom_bias = layer_bias[:, :, 1:, 1:]  # [B, H, N, N]
-            atom_output = self.atom_proc(x[1:], atom_bias, delta_pos)  # [B, N, 3]
+            if fast:
+                atom_spread = packing.spread_index.view(n_mol, n_atoms + 1)[:, 1:].reshape(-1)
+                atom_output = self.atom_proc.forward_packed(xs, atom_spread, atom_bias, delta_pos)
+            else:
+                atom_output = self.atom_proc(x[1:], atom_bias, delta_pos)  # [B, N, 3]
             if return_intermediates:
                 inter["atom_proc_raw"] = atom_output
-            if mode_choice is not None:
-                only_3d = mode_choice.to(atom_output.device) == MODE_3D  # [B]
-                atom_output = atom_output * only_3d.to(atom_output.dtype)[:, None, None]
+            if mode_choice is not None:  # kept for 3D-only molecules: mask_2d == 0
+                only_3d = torch.rsub(cast(mask_2d, atom_output.dtype), 1.0)  # [B]
+                atom_output = atom_output * only_3d.view(-1, 1, 1)
 
         if return_intermediates:
             inter.update(mask_2d=mask_2d, mask_3d=mask_3d)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from graphormer_ext.data import keys
 
+from .fused_layer import Precision, QKVGather, RotatedAttention, cast
 from .host_plan import PairIndex
 from .utils import at_least_float32, check_implementation, init_feature_params
 
@@ -139,6 +140,9 @@ class MoleculeAttnBias(nn.Module):
         self.spatial_pos_encoder = nn.Embedding(num_spatial, num_heads, padding_idx=0)
         self.graph_token_virtual_distance = nn.Embedding(1, num_heads)
         self.apply(lambda m: init_feature_params(m, num_layers))
+        # hop index k of each path hop (fast path); not in the state dict
+        hops = max(multi_hop_max_dist, 1) if multi_hop_max_dist > 0 else num_edge_dis
+        self.register_buffer("hop_offsets", torch.arange(hops), persistent=False)
 
     def forward(
         self,
@@ -200,14 +204,18 @@ class MoleculeAttnBias(nn.Module):
         return graph_attn_bias + attn_bias.unsqueeze(1)  # [B, H, T, T]
 
     # ----- fast: real pairs only, folded hop matrices ---------------------------------
-    def folded_edge_table(self, num_hops: int) -> torch.Tensor:
-        """``T_k = E W_k`` for the first ``num_hops`` hops, flattened to [hops*V, H]."""
+    def folded_edge_table(self, num_hops: int, num_feat: int = 1) -> torch.Tensor:
+        """``T_k = E W_k / num_feat`` for the first ``num_hops`` hops, as [V*hops, H]: row
+        ``e * hops + k`` is ``T_k[e]`` (one matrix product, no copy of the result)."""
         H = self.num_heads
         weight = self.edge_encoder.weight  # [V, H]
         # The padding row keeps its value but, as with padding_idx, gets no gradient.
         weight = torch.cat([weight[:1].detach(), weight[1:]], dim=0)
-        hop_matrices = self.edge_dis_encoder.weight.reshape(-1, H, H)[:num_hops]
-        return torch.matmul(weight.unsqueeze(0), hop_matrices).reshape(-1, H)
+        hop_matrices = self.edge_dis_encoder.weight.view(-1, H, H)[:num_hops]  # [hops, H, H]
+        stacked = hop_matrices.permute(1, 0, 2).reshape(H, num_hops * H)  # [H, hops*H]
+        if num_feat != 1:
+            stacked = stacked / num_feat
+        return torch.mm(weight, stacked).view(-1, H)  # [V*hops, H]
 
     def _pair_edge_bias(
         self, batched_data: dict, pairs: PairIndex, spd: torch.Tensor
@@ -217,19 +225,18 @@ class MoleculeAttnBias(nn.Module):
             edge_type = pairs.gather(batched_data[keys.ATTN_EDGE_TYPE])  # [P, 3]
             return self.edge_encoder(edge_type).mean(-2)  # [P, H]
         # Divisor rule of the release: 0 (padding) -> 1, x > 1 -> x - 1, clamp to hops.
-        divisor = torch.where(spd > 1, spd - 1, torch.ones_like(spd))
+        max_dist = self.multi_hop_max_dist
+        divisor = (spd - 1).clamp(1, max_dist if max_dist > 0 else None)
         edge_input = pairs.gather(batched_data[keys.EDGE_INPUT])  # [P, hops, 3]
-        if self.multi_hop_max_dist > 0:
-            edge_input = edge_input[:, : self.multi_hop_max_dist, :]
-            divisor = divisor.clamp(0, self.multi_hop_max_dist)
+        if max_dist > 0:
+            edge_input = edge_input[:, :max_dist, :]
         num_hops, num_feat = edge_input.shape[-2:]
-        vocab = self.edge_encoder.num_embeddings
-        offset = torch.arange(num_hops, device=edge_input.device) * vocab
-        bags = edge_input + offset.view(1, -1, 1)  # [P, hops, 3]
-        bags = bags.reshape(bags.shape[0], num_hops * num_feat)
-        table = self.folded_edge_table(num_hops)  # [hops*V, H]
-        summed = F.embedding_bag(bags, table, mode="sum")  # [P, H]
-        return summed / (divisor.to(summed.dtype) * num_feat).unsqueeze(-1)
+        # row e * hops + k of the folded table; mean over the 3 features folded into it
+        rows = edge_input * num_hops + self.hop_offsets[:num_hops].view(1, -1, 1)
+        table = self.folded_edge_table(num_hops, num_feat)  # [V*hops, H]
+        # a gather and a sum (its backward is one index_add; embedding_bag's sorts)
+        summed = table.index_select(0, rows.view(-1)).view(-1, num_hops * num_feat, self.num_heads)
+        return summed.sum(1) / divisor.unsqueeze(-1)
 
     def _forward_fast(self, batched_data, mask_2d, pairs=None):
         attn_bias = batched_data[keys.ATTN_BIAS]  # [B, T, T]
@@ -541,6 +548,49 @@ class AtomTaskHead(nn.Module):
         self.force_proj1 = nn.Linear(embed_dim, 1)
         self.force_proj2 = nn.Linear(embed_dim, 1)
         self.force_proj3 = nn.Linear(embed_dim, 1)
+
+    def forward_packed(
+        self,
+        tokens: torch.Tensor,
+        spread_index: torch.Tensor,
+        attn_bias: torch.Tensor,
+        delta_pos: torch.Tensor,
+    ) -> torch.Tensor:
+        """The head on the fast path's packed tokens (same values as :meth:`forward`).
+
+        q/k/v of all heads in one product, gathered straight to head-major atom rows; the
+        attention and the rotation are one autograd node (:class:`~.fused_layer.RotatedAttention`);
+        the three force projections one batched product.
+
+        Args:
+            tokens: [M, D] final hidden states of the packed tokens.
+            spread_index: int64 [B*N], the packed row of each padded atom position (padding:
+                some real row; masked as a key, its output dropped by the loss).
+            attn_bias: [B, H, N, N] atom-pair bias, ``-inf`` on padded keys (head-major
+                storage avoids a copy).
+            delta_pos: [B, N, N, 3].
+
+        Returns:
+            float32 [B, N, 3].
+        """
+        bsz, H, n_node, _ = attn_bias.shape
+        precision = Precision.of(tokens)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projections], dim=0)  # [3D, D]
+        bias = torch.cat([p.bias for p in projections], dim=0)
+        qkv = QKVGather.apply(tokens, weight, bias, spread_index, H, precision.mm)
+        rows = qkv.view(3, H * bsz, n_node, -1)  # [3, H*B, N, hd]
+        bias_hb = cast(attn_bias.transpose(0, 1).reshape(H * bsz, n_node, n_node), precision.mm)
+        p = self.attention_dropout if self.training else 0.0
+        out = RotatedAttention.apply(rows, bias_hb, delta_pos, self.scaling, p)  # [H*B, 3N, hd]
+        # x[c, b*N + i] = concat_h out[h, b, c, i]: the inputs of force_proj{1,2,3}
+        x = out.view(H, bsz, 3, n_node, -1).permute(2, 1, 3, 0, 4).reshape(3, bsz * n_node, -1)
+        forces = (self.force_proj1, self.force_proj2, self.force_proj3)
+        w = torch.stack([f.weight for f in forces]).transpose(1, 2)  # [3, D, 1]
+        b = torch.stack([f.bias for f in forces]).unsqueeze(-1)  # [3, 1, 1]
+        x, w, b = cast(x, precision.mm), cast(w, precision.mm), cast(b, precision.mm)
+        f = torch.baddbmm(b, x, w)  # [3, B*N, 1]
+        return cast(f.view(3, bsz, n_node).permute(1, 2, 0), torch.float32)  # [B, N, 3]
 
     def forward(
         self, query: torch.Tensor, attn_bias: torch.Tensor, delta_pos: torch.Tensor

@@ -133,7 +133,6 @@ def draw_mode_choice(
     num_molecules: int,
     mode_prob: Sequence[float],
     generator: Optional[ModeGenerator] = None,
-    probs: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Draw one training mode per molecule.
 
@@ -146,24 +145,29 @@ def draw_mode_choice(
         num_molecules: B.
         mode_prob: probabilities of {2D+3D, 2D, 3D}.
         generator: where the randomness comes from.
-        probs: ``mode_prob`` as a tensor on an accelerator, used when ``generator`` is
-            None: the draw then happens there (torch's generator of that device), with
-            no host-to-device copy (which would wait for the device).
 
     Returns:
-        int64 tensor [B] with values in {0, 1, 2} (see ``MODE_*``), on the CPU, or on
-        the device of ``probs``.
+        int64 tensor [B] with values in {0, 1, 2} (see ``MODE_*``), on the CPU (the encoder
+        draws on its own device with :func:`draw_modes`).
     """
     if isinstance(generator, (np.random.Generator, np.random.RandomState)):
         p = np.asarray(mode_prob, dtype=np.float64)
         choice = generator.choice(3, num_molecules, p=p)
         return torch.as_tensor(np.asarray(choice), dtype=torch.long)
-    if generator is None and probs is not None and probs.device.type != "cpu":
-        return torch.multinomial(probs.float(), num_molecules, replacement=True)
-    probs = torch.tensor(mode_prob, dtype=torch.float64)
-    return torch.multinomial(
-        probs, num_molecules, replacement=True, generator=generator
-    )
+    # float32: a sum that rounds just below 1 in float64 is 1, so a zero-probability
+    # 3D mode is never drawn
+    cdf = np.cumsum(np.asarray(mode_prob, dtype=np.float64))[:2]
+    return draw_modes(num_molecules, torch.tensor(cdf, dtype=torch.float32), generator)
+
+
+def draw_modes(
+    num_molecules: int, cdf: torch.Tensor, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Modes by inversion of the cumulative probabilities ``cdf`` = (p0, p0 + p1): one
+    uniform draw per molecule on ``cdf``'s device, three small kernels (``multinomial``
+    is one of the slowest CPU operators and several kernels on a GPU)."""
+    u = torch.rand(num_molecules, device=cdf.device, dtype=cdf.dtype, generator=generator)
+    return (u.unsqueeze(1) >= cdf).sum(1)
 
 
 def mode_masks(
