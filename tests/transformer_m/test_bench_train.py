@@ -93,7 +93,8 @@ def test_gpu_bench_script_with_the_ci_preset(tmp_path):
     for row in rows.values():
         assert row["error"] is None
         assert row["updates_per_s"] > 0 and row["ceiling_updates_per_s"] > 0
-        assert row["batch"] == 8 and row["windows"] == 1
+        # 8 molecules per update, fewer in the last batch of an epoch (300 records)
+        assert 4 <= row["batch"] <= 8 and row["windows"] == 1
         assert row["ops_model"] > 100 and row["ops_rest"] > 10
     # the fast path's forward, loss and backward read nothing back from the device
     assert rows["fast"]["syncs_model"] == {}

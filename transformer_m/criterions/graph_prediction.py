@@ -1,9 +1,11 @@
 """Criterion ``graph_prediction``: HOMO-LUMO gap L1 plus 3D noise-direction denoising (spec §1.11-1.12)."""
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 
@@ -26,7 +28,9 @@ class GraphPredictionCriterionConfig(FairseqDataclass):
     )
 
 
-def add_position_noise(pos: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_position_noise(
+    pos: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gaussian noise on the atoms that have 3D coordinates.
 
     Args:
@@ -34,24 +38,29 @@ def add_position_noise(pos: torch.Tensor, scale: float) -> tuple[torch.Tensor, t
         scale: noise standard deviation in Å.
 
     Returns:
-        ``(noisy_pos, noise)``, both ``[B, N, 3]``; ``noise`` is 0 on atoms without 3D.
+        ``(noisy_pos, noise, has_3d)``: ``[B, N, 3]``, ``[B, N, 3]`` (0 on atoms without 3D)
+        and bool ``[B, N]``.
     """
-    has_3d = (pos != 0).any(dim=-1, keepdim=True)  # [B, N, 1]
-    noise = torch.randn_like(pos) * scale * has_3d
-    return pos + noise, noise
+    has_3d = (pos != 0).any(dim=-1)  # [B, N]
+    noise = torch.randn_like(pos).mul_(has_3d.unsqueeze(-1).to(pos.dtype) * scale)
+    return pos + noise, noise, has_3d
 
 
-def denoise_cosine_loss(pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def denoise_cosine_loss(
+    pred: torch.Tensor, noise: torch.Tensor, atom_ok: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Sum over molecules of the per-molecule mean of ``1 - cos(pred, noise)``.
 
-    Atoms count only where the noise is non-zero (atom has 3D) and the molecule's prediction is
-    not all zero (the model zeroes molecules that are not in 3D-only mode).
+    Atoms count only where the noise is non-zero (atom has 3D; ``atom_ok`` [B, N] if known)
+    and the molecule's prediction is not all zero (the model zeroes molecules that are not in
+    3D-only mode).
 
     Shapes:
         pred, noise: ``[B, N, 3]``. Returns a scalar.
     """
     pred = pred.float()
-    atom_ok = (noise != 0).any(-1)  # [B, N]
+    if atom_ok is None:
+        atom_ok = (noise != 0).any(-1)  # [B, N]
     mol_ok = (pred != 0).flatten(1).any(-1, keepdim=True)  # [B, 1]
     mask = atom_ok & mol_ok
     cos = F.cosine_similarity(pred, noise.float(), dim=-1, eps=1e-6)  # [B, N]
@@ -81,14 +90,17 @@ class GraphPredictionCriterion(FairseqCriterion):
 
     def forward(self, model, sample, reduce=True):
         batch = dict(sample["net_input"]["batched_data"])
-        noise = None
+        noise = has_3d = None
         if model.training and self.noise_scale > 0 and keys.POS in batch:
-            batch[keys.POS], noise = add_position_noise(batch[keys.POS], self.noise_scale)
+            batch[keys.POS], noise, has_3d = add_position_noise(batch[keys.POS], self.noise_scale)
         logits, atom_output, _ = model(batch)
         pred = logits[:, 0, :].float()  # [B, C] graph token
         target = sample["target"].float().view(pred.shape[0], -1)  # [B, C]
         check_label_width(target.shape[1], pred.shape[1])
-        labelled = torch.isfinite(target).all(-1, keepdim=True)  # [B, 1]
+        labelled = sample.get("labelled")  # the task's collater: bool [B], made on the host
+        if labelled is None:
+            labelled = torch.isfinite(target).all(-1)
+        labelled = labelled.view(-1, 1)  # [B, 1]
         # Unlabelled rows get target = prediction: |0| adds nothing and, unlike a NaN
         # masked afterwards, back-propagates a zero gradient.
         target = torch.where(labelled, target, pred.detach())
@@ -99,7 +111,7 @@ class GraphPredictionCriterion(FairseqCriterion):
 
         denoise = pred.new_zeros(())
         if noise is not None and atom_output is not None and self.denoise_weight > 0:
-            denoise = denoise_cosine_loss(atom_output, noise)
+            denoise = denoise_cosine_loss(atom_output, noise, has_3d)
         loss = l1 + self.denoise_weight * denoise
 
         logging_output = {
@@ -119,7 +131,8 @@ class GraphPredictionCriterion(FairseqCriterion):
         dn = sum_logs(logging_outputs, "denoise_loss")
         # in training updates tensors stay on the device (lazy_metrics)
         log_scalar("loss", l1 / max(sample_size, 1), sample_size, round=5)
-        log_scalar("mae_ev", l1 / max(sample_size, 1), sample_size, round=5)
+        # the same value: derived when printed, not one more meter to update every step
+        metrics.log_derived("mae_ev", _mae_ev)
         log_scalar("denoise_loss", dn / max(nsent, 1), nsent, round=4)
 
     @staticmethod
@@ -137,6 +150,13 @@ def check_label_width(stored: int, predicted: int) -> None:
             "labels, or re-run graphormer-ext-preprocess with only the label "
             "column(s) to train on (--label-columns)"
         )
+
+
+def _mae_ev(meters):
+    """``mae_ev``: the ``loss`` average (the L1 in eV per labelled molecule); rounded when it is
+    a float, left on the device when it is a tensor (training updates, see lazy_metrics)."""
+    value = meters["loss"].avg
+    return value if torch.is_tensor(value) else round(float(value), 5)
 
 
 def _loggable(value: torch.Tensor, training: bool):

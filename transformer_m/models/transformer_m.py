@@ -106,6 +106,7 @@ class TransformerMModel(BaseFairseqModel):
         self.encoder = net.encoder  # keys "encoder.*", as in the released checkpoints
         self.max_nodes = max_nodes
         self.bf16_autocast = bool(bf16_autocast)
+        self._update_listeners = None
 
     @classmethod
     def build_model(cls, cfg: TransformerMConfig, task):
@@ -173,6 +174,17 @@ class TransformerMModel(BaseFairseqModel):
         if all(m.training == mode for m in self.modules()):
             return self
         return super().train(mode)
+
+    def set_num_updates(self, num_updates):
+        """Pass the update count to the submodules that take it. fairseq calls this every
+        update and its default walks all ~170 modules each time; the (usually empty) list
+        of those that take it is made once."""
+        if self._update_listeners is None:
+            self._update_listeners = [
+                m for m in self.modules() if m is not self and hasattr(m, "set_num_updates")
+            ]
+        for module in self._update_listeners:
+            module.set_num_updates(num_updates)
 
     def max_positions(self):
         return self.max_nodes

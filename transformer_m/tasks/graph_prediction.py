@@ -83,11 +83,12 @@ class GraphPredictionConfig(FairseqDataclass):
 class GraphPredictionDataset(FairseqDataset):
     """fairseq adapter around :class:`graphormer_ext.data.base.GraphDataset`.
 
-    A sample is ``{"id", "nsamples", "nlabelled", "net_input": {"batched_data": batch},
-    "target"}`` (plus ``natoms`` for point-cloud batches). The collater (run in the data loader's workers) also computes what the
-    model and the loss would otherwise have to read back from the device: the index plan
-    of :mod:`transformer_m.modules.host_plan` (in ``batch``) and ``nlabelled``, the number
-    of molecules with a finite target.
+    A sample is ``{"id", "nsamples", "nlabelled", "labelled", "net_input": {"batched_data":
+    batch}, "target"}`` (plus ``natoms`` for point-cloud batches). The collater (run in the
+    data loader's workers) also computes what the model and the loss would otherwise compute
+    or read back on the device: the index plan of :mod:`transformer_m.modules.host_plan` (in
+    ``batch``), ``labelled`` (bool [B], the molecules with a finite target) and
+    ``nlabelled``, their number.
     """
 
     def __init__(self, graphs: GraphDataset, token_multiple: int = 1):
@@ -110,6 +111,7 @@ class GraphPredictionDataset(FairseqDataset):
             "id": batch[keys.IDX],
             "nsamples": int(batch[keys.IDX].numel()),
             "nlabelled": int(labelled.sum()),
+            "labelled": labelled,  # bool [B]: the loss needs no isfinite on the device
             "net_input": {
                 "batched_data": add_host_plan(batch, self.token_multiple)
                 if keys.X in batch else batch
@@ -302,6 +304,20 @@ class GraphPredictionTask(FairseqTask):
             self.channels = data.pop("channels", None)
             self.data_facts = data
             self.facts_from = "the checkpoint's training data"
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        """fairseq's training step, less its ``model.train()`` walk over every module when the
+        model already is in training mode (``Trainer.train_step`` has just set it)."""
+        if not model.training:
+            model.train()
+        model.set_num_updates(update_num)
+        with torch.autograd.profiler.record_function("forward"):
+            loss, sample_size, logging_output = criterion(model, sample)
+        if ignore_grad:
+            loss *= 0
+        with torch.autograd.profiler.record_function("backward"):
+            optimizer.backward(loss)
+        return loss, sample_size, logging_output
 
     def max_positions(self):
         return self.cfg.max_nodes
