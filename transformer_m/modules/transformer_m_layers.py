@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from graphormer_ext.data import keys
 
-from .fused_layer import Precision, QKVGather, RotatedAttention, cast
+from .fused_layer import Precision, QKVGather, RotatedAttention, cast, softmax_dtype
 from .host_plan import PairIndex
 from .utils import at_least_float32, check_implementation, init_feature_params
 
@@ -571,7 +571,7 @@ class AtomTaskHead(nn.Module):
             delta_pos: [B, N, N, 3].
 
         Returns:
-            float32 [B, N, 3].
+            [B, N, 3]: float32 (float64 in a float64 model).
         """
         bsz, H, n_node, _ = attn_bias.shape
         precision = Precision.of(tokens)
@@ -590,7 +590,8 @@ class AtomTaskHead(nn.Module):
         b = torch.stack([f.bias for f in forces]).unsqueeze(-1)  # [3, 1, 1]
         x, w, b = cast(x, precision.mm), cast(w, precision.mm), cast(b, precision.mm)
         f = torch.baddbmm(b, x, w)  # [3, B*N, 1]
-        return cast(f.view(3, bsz, n_node).permute(1, 2, 0), torch.float32)  # [B, N, 3]
+        f = f.view(3, bsz, n_node).permute(1, 2, 0)  # [B, N, 3]
+        return cast(f, softmax_dtype(f.dtype))  # float32 as released, float64 kept
 
     def forward(
         self, query: torch.Tensor, attn_bias: torch.Tensor, delta_pos: torch.Tensor
