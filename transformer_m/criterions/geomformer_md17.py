@@ -18,6 +18,15 @@ def _num_atoms(sample, batch) -> int:
     return int(batch[keys.ATOM_MASK].sum().item()) if n is None else n
 
 
+def _labelled(sample, target: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(ok [B] bool, count)``: the molecules with a finite target, with the host-made mask and
+    count of the task's collater when there (no read-back), else computed here."""
+    ok = sample.get("labelled")
+    ok = torch.isfinite(target) if ok is None else ok.view(-1)
+    n = sample.get("nlabelled")
+    return ok, int(ok.sum()) if n is None else n
+
+
 def _err(diff: torch.Tensor, kind: str) -> torch.Tensor:
     return diff.abs() if kind == "l1" else diff * diff
 
@@ -105,10 +114,11 @@ class GeoMFormerGraphCriterion(FairseqCriterion):
         out = model(batch, force_mode="none")
         pred = out["energy"].float()
         target = batch[keys.Y].float().view(-1)
-        ok = torch.isfinite(target)
-        loss = (pred[ok] - (target[ok] - mean) / std).abs().sum()
-        n = int(ok.sum())
-        mae = ((pred[ok] * std + mean) - target[ok]).abs().sum().detach()
+        ok, n = _labelled(sample, target)
+        # unlabelled rows: a zero difference (torch.where: NaN * 0 would be NaN) and a zero
+        # gradient, without a boolean-mask index (it waits for the device)
+        loss = torch.where(ok, pred - (target - mean) / std, 0.0).abs().sum()
+        mae = torch.where(ok, (pred * std + mean) - target, 0.0).abs().sum().detach()
         log = {"loss": loss.detach(), "mae": mae, "sample_size": n,
                "nsentences": target.numel(), "ntokens": target.numel()}
         return loss, max(n, 1), loggable(log, getattr(model, "training", True))
@@ -147,7 +157,7 @@ class GeoMFormerNBodyCriterion(FairseqCriterion):
         loss = per_sys.sum()
         b = per_sys.numel()
         log = {"loss": loss.detach(), "sample_size": b, "nsentences": b,
-               "ntokens": int(mask.sum().item())}
+               "ntokens": _num_atoms(sample, batch)}
         return loss, b, log
 
     @staticmethod

@@ -25,6 +25,20 @@ class GsrdPretrainCriterionConfig(FairseqDataclass):
     vec_reg_delta: float = field(default=1000.0, metadata={"help": "vector-norm threshold delta"})
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values[mask].mean()`` for ``values, mask [B, N]``, without the boolean-mask index
+    (it waits for the device to learn the size of its result)."""
+    return torch.where(mask, values, 0.0).sum() / mask.sum()
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``F.mse_loss(pred[mask], target[mask])`` for ``pred, target [B, N, C]``, ``mask [B, N]``,
+    without the boolean-mask index; rows left out may hold anything (their difference is
+    replaced before it is squared, so no NaN reaches the gradient)."""
+    diff = torch.where(mask.unsqueeze(-1), pred - target, 0.0)
+    return (diff * diff).sum() / (mask.sum() * pred.shape[-1])
+
+
 def pretrain_losses(out, batch, train_2d_head: bool = False, delta: float = 1000.0) -> dict:
     """The four pre-training terms (unweighted), each a scalar tensor.
 
@@ -34,12 +48,12 @@ def pretrain_losses(out, batch, train_2d_head: bool = False, delta: float = 1000
     * ``vec``: mean ReLU(||v_enc|| - delta) over visible atoms x 3.
     """
     masked, visible = out["masked"], out["visible"]
-    mask_loss = F.mse_loss(out["coord"][masked], batch[POS_LABEL][masked])
-    target = out["h"].detach()[visible]
-    distill = -F.cosine_similarity(out["rep_2d"][visible], target, dim=-1).mean()
+    mask_loss = masked_mse(out["coord"], batch[POS_LABEL], masked)
+    target = out["h"].detach()
+    distill = -masked_mean(F.cosine_similarity(out["rep_2d"], target, dim=-1), visible)
     if train_2d_head:
-        distill = distill - F.cosine_similarity(out["h_2d"][visible], target, dim=-1).mean()
-    denoise = F.mse_loss(out["noise"][visible], batch[NOISE][visible])
+        distill = distill - masked_mean(F.cosine_similarity(out["h_2d"], target, dim=-1), visible)
+    denoise = masked_mse(out["noise"], batch[NOISE], visible)
     vec = vector_norm_regulariser(out["v"], visible, delta)
     return {"mask": mask_loss, "distill": distill, "denoise": denoise, "vec": vec}
 
@@ -135,8 +149,11 @@ class GsrdEnergyForceCriterion(FairseqCriterion):
         energy, forces, out = energy_and_forces(model, batch)
         mask = batch["atom_mask"]
         e_l1 = (energy - batch["y"]).abs().mean()
-        f_abs = (forces - batch["forces"]).abs()[mask]  # [atoms, 3]
-        f_l1 = f_abs.mean()
+        natoms = sample.get("natoms")  # the task's collater counts them on the host
+        if natoms is None:
+            natoms = int(mask.sum())
+        f_sum = torch.where(mask.unsqueeze(-1), forces - batch["forces"], 0.0).abs().sum()
+        f_l1 = f_sum / (3 * natoms)
         e_term, f_term = e_l1, f_l1
         if model.training:
             e_term = self._smooth("energy", e_l1, self.alpha_e)
@@ -146,8 +163,8 @@ class GsrdEnergyForceCriterion(FairseqCriterion):
         bsz = int(sample["nsamples"])
         log = {
             "loss": loss.detach() * bsz, "energy_abs": (energy - batch["y"]).abs().sum().detach(),
-            "force_abs": f_abs.sum().detach(), "force_count": f_abs.numel(),
-            "sample_size": bsz, "nsentences": bsz, "ntokens": int(mask.sum()),
+            "force_abs": f_sum.detach(), "force_count": 3 * natoms,
+            "sample_size": bsz, "nsentences": bsz, "ntokens": natoms,
         }
         return loss, 1, loggable(log, getattr(model, "training", True))
 
@@ -184,12 +201,19 @@ class GsrdQM9Criterion(FairseqCriterion):
         batch = sample["net_input"]["batch"]
         out = model(batch)
         y = batch["y"].float().view(-1)
-        ok = torch.isfinite(y)
+        ok = sample.get("labelled")  # host-made by the task's collater: no read-back
+        ok = torch.isfinite(y) if ok is None else ok.view(-1)
+        bsz = sample.get("nlabelled")
+        if bsz is None:
+            bsz = int(ok.sum())
         std, mean = model.target_std, model.target_mean
-        mse = F.mse_loss(out["pred_std"][ok], ((y - mean) / std)[ok]) if ok.any() else out["pred"].sum() * 0
+        # unlabelled rows: zero error and zero gradient (torch.where: NaN * 0 would be NaN);
+        # no labelled row: a zero loss
+        err = torch.where(ok, out["pred_std"] - (y - mean) / std, 0.0)
+        mse = (err * err).sum() / max(bsz, 1)
         loss = mse + self.vec_reg_weight * vector_norm_regulariser(out["v"], out["mask"], self.delta)
-        bsz = int(ok.sum())
-        log = {"loss": loss.detach() * max(bsz, 1), "abs": (out["pred"] - y)[ok].abs().sum().detach(),
+        abs_err = torch.where(ok, out["pred"] - y, 0.0).abs().sum().detach()
+        log = {"loss": loss.detach() * max(bsz, 1), "abs": abs_err,
                "sample_size": bsz, "nsentences": int(y.numel()), "ntokens": int(y.numel())}
         return loss, 1, loggable(log, getattr(model, "training", True))
 

@@ -174,12 +174,18 @@ class GsrdDataset(EpochDataset, FairseqDataset):
                 out[POS_MASK][i, :m] = torch.from_numpy(s["masked"])
                 out[POS_LABEL][i, :m] = torch.from_numpy(s["label"]).float()
                 out[NOISE][i, :m] = torch.from_numpy(s["noise"]).float()
-        return {
+        sample = {
             "id": out[K.IDX],
             "nsamples": b,
+            # counted here, on the host: the losses then read nothing back from the device
+            "natoms": int(out[K.ATOM_MASK].sum()),
             "net_input": {"batch": out},
             "target": out.get(K.Y),
         }
+        if has_y and out[K.Y].dim() == 1:  # one label per molecule: which ones are known
+            labelled = torch.isfinite(out[K.Y])
+            sample.update(labelled=labelled, nlabelled=int(labelled.sum()))
+        return sample
 
 
 def _z_of(rec) -> np.ndarray:
