@@ -22,7 +22,6 @@ head-major, ``[H*B, T, T]``: q, k, v and the bias are then plain batched matrice
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 
 class Precision(NamedTuple):

@@ -20,7 +20,6 @@ from .transformer_m_layers import (
 from .fused_layer import cast
 from .utils import (
     DEFAULT_MODE_PROB,
-    MODE_3D,
     MODE_MASKS,
     draw_modes,
     ModeGenerator,
