@@ -9,7 +9,11 @@ Steps (each printed as it runs):
   4. the valid MAE beside the MAE of predicting the training-set mean gap; exits non-zero unless the
      model beats that baseline.
 
-Usage: ``.venv/bin/python scripts/demo.py [--out runs/demo] [--max-epoch 6]``
+Usage: ``.venv/bin/python scripts/demo.py [--out runs/demo] [--max-epoch 6] [--threads N]``
+
+Threads: ``--threads``, else ``OMP_NUM_THREADS``, else one per process on a machine with at most
+4 cores or a busy one (torch's default of one thread per core ran this job 30 times slower on a
+2-core machine with one other busy process), else the idle cores.
 """
 import argparse
 import json
@@ -28,7 +32,10 @@ BIN = Path(sys.executable).parent
 
 def run(cmd, **kw):
     print("\n$ " + " ".join(str(c) for c in cmd), flush=True)
-    return subprocess.run([str(c) for c in cmd], check=True, **kw)
+    return subprocess.run([str(c) for c in cmd], check=True, env=ENV, **kw)
+
+
+ENV = dict(os.environ)  # the subprocesses' environment; main() sets the thread count
 
 
 def split_labels(path):
@@ -47,7 +54,18 @@ def main():
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads per process (default: see the module docstring)")
     args = ap.parse_args()
+
+    from transformer_m.threads import default_threads
+
+    if args.threads is not None:
+        threads, why = max(1, args.threads), "--threads"
+    else:
+        threads, why = default_threads()
+    ENV.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    print(f"threads per process: {threads} ({why}; change with --threads N)", flush=True)
 
     out = Path(args.out)
     lmdb_dir, save_dir = out / "lmdb", out / "checkpoints"
