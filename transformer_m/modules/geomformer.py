@@ -427,8 +427,13 @@ class GeoMFormerEncoder(nn.Module):
 
     def embed(self, z, pos, atom_mask, vel=None):
         """Input layer: ``(x, vec, attn_bias [B, H, N, N])``."""
-        if int(z.max()) >= self.num_atom_types:
-            raise ValueError(f"atom type {int(z.max())} >= num_atom_types={self.num_atom_types}")
+        if z.device.type == "cpu":  # a host read costs nothing here: a clear message
+            if int(z.max()) >= self.num_atom_types:
+                raise ValueError(
+                    f"atom type {int(z.max())} >= num_atom_types={self.num_atom_types}")
+        else:  # checked on the device, without stopping the host to read the maximum
+            torch._assert_async((z < self.num_atom_types).all(),
+                                f"an atom type is >= num_atom_types={self.num_atom_types}")
         b, n = z.shape
         dtype = self.atom_emb.weight.dtype
         # geometry (differences, distances, GBF, unit vectors) in float64: cheap, and it keeps

@@ -83,7 +83,9 @@ def edge_features(bond: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
     """``bond [B,N,N]`` int (0 none, 1..4 single/double/triple/aromatic) -> ``[B,N,N,5]``
     (bond one-hot + self-loop flag) in ``dtype`` (the model's), the complete graph of B2.2."""
     b, n, _ = bond.shape
-    onehot = F.one_hot(bond.long().clamp(0, 4), 5)[..., 1:].to(dtype)
+    # == arange instead of F.one_hot: one_hot range-checks its input with a host read
+    kinds = torch.arange(1, 5, device=bond.device)
+    onehot = (bond.long().clamp(0, 4).unsqueeze(-1) == kinds).to(dtype)
     eye = torch.eye(n, dtype=dtype, device=bond.device).expand(b, n, n).unsqueeze(-1)
     return torch.cat([onehot, eye], dim=-1)
 
@@ -259,6 +261,48 @@ class Graph2DBlock(nn.Module):
         return h + self.ffn(self.norm2(h))
 
 
+def masked_batch_norm(bn: nn.BatchNorm1d, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``bn`` over the real atoms only, without a host read: equal to ``bn(z[mask])`` scattered
+    back into ``z`` (padded rows unchanged), including the running-statistics update.
+
+    ``z[mask]`` would read the atom count back from the device every step. In training a
+    batch with fewer than two real atoms is left as it is (``BatchNorm1d`` cannot normalise one
+    row) and does not update the running statistics; in eval every real atom is normalised with
+    the running statistics, whatever else is in the batch.
+
+    Shapes:
+        z: ``[B, N, C]``; mask: bool ``[B, N]``. Returns ``[B, N, C]``.
+    """
+    keep = mask.unsqueeze(-1)  # [B, N, 1]
+    out_dtype = z.dtype
+    z_in, z = z, z.to(torch.promote_types(z.dtype, torch.float32))  # statistics >= float32
+    if bn.training or not bn.track_running_stats:
+        m = keep.to(z.dtype)
+        n = m.sum()  # real atoms, on the device
+        ok = n > 1
+        denom = n.clamp(min=1)
+        mean = (z * m).sum(dim=(0, 1)) / denom  # [C]
+        var = ((z - mean).square() * m).sum(dim=(0, 1)) / denom  # biased, as BatchNorm normalises
+        if bn.training and bn.track_running_stats:
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(ok.to(bn.num_batches_tracked.dtype))
+                if bn.momentum is None:  # cumulative moving average
+                    factor = 1.0 / bn.num_batches_tracked.clamp(min=1).to(z.dtype)
+                else:
+                    factor = bn.momentum
+                unbiased = var * n / (n - 1).clamp(min=1)
+                for buf, value in ((bn.running_mean, mean), (bn.running_var, unbiased)):
+                    new = buf + factor * (value.detach().to(buf.dtype) - buf)
+                    buf.copy_(torch.where(ok, new, buf))
+        keep = keep & ok
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    y = (z - mean) * torch.rsqrt(var + bn.eps)
+    if bn.affine:
+        y = y * bn.weight + bn.bias
+    return torch.where(keep, y.to(out_dtype), z_in)
+
+
 class Graph2DEncoder(nn.Module):
     """phi_2d (``RelaTrans2DEncoder``, B4) on the full 2D graph (all atoms, no coordinates).
 
@@ -284,8 +328,7 @@ class Graph2DEncoder(nn.Module):
         for layer in self.layers:
             h = layer(h, e, pair_mask)
         z = self.pred_in(h)
-        zf = z[node_mask]  # BatchNorm over real atoms only
-        z = z.masked_scatter(node_mask.unsqueeze(-1), self.pred_bn(zf)) if zf.shape[0] > 1 else z
+        z = masked_batch_norm(self.pred_bn, z, node_mask)  # BatchNorm over real atoms only
         rep_2d = self.pred_out(F.relu(z))
         return rep_2d, self.head(h)
 
