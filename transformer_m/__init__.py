@@ -6,10 +6,12 @@ Importing this package registers the task ``graph_prediction``, the criterion
 routes fairseq's checkpoint reads (``--restore-file``, ``--finetune-from-model``,
 ``fairseq-validate --path``, ...) through the project's weights-only loader
 (:mod:`transformer_m.checkpoint`); that has to happen here, because ``fairseq-validate`` opens its
-checkpoint before any task or model of ours is built.
+checkpoint before any task or model of ours is built. Its progress bars print the metrics that
+stay on the device during training like floats (:mod:`transformer_m.criterions.lazy_metrics`).
 """
 from . import checkpoint, criterions, models, optim, tasks  # noqa: F401  (registration)
 
 checkpoint.install_fairseq_loader()
+criterions.lazy_metrics.install_log_format()  # tensors logged lazily print like floats
 
 __all__ = ["checkpoint", "criterions", "models", "optim", "tasks"]

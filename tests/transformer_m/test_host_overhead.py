@@ -340,3 +340,15 @@ def test_train_mode_shortcut_still_switches_every_module():
     assert all(m.training for m in model.modules())
     model.eval()
     assert not any(m.training for m in model.modules())
+
+
+def test_progress_bars_print_device_metrics_like_floats():
+    """Metrics left on the device print as fairseq prints floats, not as 17-digit reprs."""
+    import transformer_m  # noqa: F401  (installs the format)
+    from fairseq.logging import progress_bar
+
+    value = torch.tensor(6.5055999755859375)
+    assert progress_bar.format_stat(value) == progress_bar.format_stat(6.5056) == "6.5056"
+    bar = progress_bar.JsonProgressBar([], log_interval=1)
+    assert bar._format_stats({"loss": value, "n": 3})["loss"] == "6.5056"
+    assert progress_bar.format_stat(torch.ones(2)) == [1.0, 1.0]  # other tensors unchanged

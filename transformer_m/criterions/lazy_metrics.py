@@ -7,6 +7,9 @@ active) tensors are logged *without* ``round`` and stay on the device until fair
 line (every ``--log-interval`` updates). Everywhere else (validation, fairseq-validate, other
 drivers) values are read back and rounded as before, so validation output and the
 best-checkpoint bookkeeping keep plain floats (data-parallel runs all-reduce logs into tensors).
+fairseq's progress bars print a one-element tensor as its full repr (``loss=6.5055999755859375``);
+:func:`install_log_format` makes them print it as they print a float (``{:g}``), reading it back
+only when the line is printed.
 """
 from typing import Iterable, Mapping
 
@@ -46,3 +49,20 @@ def loggable(log: dict, training: bool) -> dict:
     if training:
         return log
     return {k: float(v) if torch.is_tensor(v) and v.numel() == 1 else v for k, v in log.items()}
+
+
+def install_log_format() -> None:
+    """Let fairseq's progress bars format one-element tensors as numbers (``{:g}``)."""
+    from fairseq.logging import progress_bar
+
+    if getattr(progress_bar.format_stat, "tensor_as_number", False):
+        return
+    original = progress_bar.format_stat
+
+    def format_stat(stat):
+        if torch.is_tensor(stat) and stat.numel() == 1:
+            stat = stat.item()  # once per printed line (every --log-interval updates)
+        return original(stat)
+
+    format_stat.tensor_as_number = True
+    progress_bar.format_stat = format_stat
