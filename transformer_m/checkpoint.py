@@ -137,7 +137,8 @@ def _describe_failure(path: str, exc: BaseException, allowed: Iterable[Any]) -> 
             f"it references Python objects outside the allow-list ({', '.join(unsafe)}), so "
             "loading it could run code; it was refused. Only tensors, containers, primitives, "
             "argparse.Namespace, numpy and omegaconf data are read. If you trust its origin, "
-            "load it once with weights_only=False and re-save only the weights: "
+            "load it once with torch.load's weights-only mode switched off and re-save only "
+            "the weights: "
             "torch.save({'model': ckpt['model']}, 'clean.pt')"
         )
     if head.startswith(_ZIP_MAGIC):
