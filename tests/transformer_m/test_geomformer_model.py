@@ -2,6 +2,7 @@
 under O(3) transforms, translations and permutations."""
 
 import argparse
+import math
 
 import pytest
 import torch
@@ -22,9 +23,11 @@ from test_geomformer_equivariance import TOL, err, molecule, rand_o3, rel_err, r
 
 
 def tiny_cfg(**over):
+    # a random (not zero) energy output layer: with the zero default the untrained energy and
+    # forces vanish and the invariance checks below would hold trivially
     cfg = GeoMFormerConfig(encoder_layers=2, encoder_embed_dim=32, encoder_ffn_embed_dim=32,
                            encoder_attention_heads=4, num_kernel=16, attention_dropout=0.0,
-                           act_dropout=0.0)
+                           act_dropout=0.0, energy_head_init="default")
     for k, v in over.items():
         setattr(cfg, k, v)
     return cfg
@@ -128,3 +131,72 @@ def test_simulator_shapes_and_protocol():
     # frame_out - frame_in = 2 frames of 50 steps: 100 leapfrog steps of dt = 1e-3 with |v| ~ 0.5
     shift = abs(d["target_pos"] - d["pos"]).max()
     assert 0 < shift < 1.0
+
+
+@pytest.mark.parametrize("over", [
+    {}, {"no_linear_bias": True}, {"vec_init": "centered"}, {"use_velocity": True},
+    {"cross_attn_mode": "alternate"},
+])
+def test_no_none_parameter_entries(over):
+    """fairseq's trainer catalogues ``module._parameters`` by identity: every ``None`` entry (an
+    ``nn.Linear(bias=False)``) counts as one parameter shared across the model and is logged as
+    "detected shared parameter ... <- None" (issue 11 item 7)."""
+    from fairseq.trainer import _catalog_shared_params
+
+    model = net(torch.float32, **over)
+    nones = [f"{name}.{p}" for name, m in model.named_modules()
+             for p, v in m._parameters.items() if v is None]
+    assert nones == []
+    assert _catalog_shared_params(model) == []
+
+
+def small_cfg(**over):
+    """``geomformer_small`` sizes (L4 d128 K32) with every other field at its default."""
+    args = argparse.Namespace()
+    geomformer_small(args)
+    cfg = GeoMFormerConfig(**{k: v for k, v in vars(args).items()
+                              if k in GeoMFormerConfig.__dataclass_fields__})
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def test_gbf_kernels_have_bounded_slopes_at_init():
+    """-dE/dR differentiates the Gaussian basis: its slope ~ 1 / sigma^2 must stay bounded for
+    every seed. With the published offset (1e-5) a K = 32 draw of widths ~ U(0, 3) often has one
+    below 0.03 and slopes above 400; forces and gradient norms of GeoMFormer-small on aspirin
+    then spiked to 1e3-4e4 (issue 11 item 8)."""
+    dist = torch.linspace(0.0, 8.0, 40001, dtype=torch.float64)  # Å
+    types = torch.ones(dist.shape + (2,), dtype=torch.long)
+    bound = 1.0 / (math.sqrt(2 * math.pi * math.e) * 0.1 ** 2)  # max |dpsi/du| at sigma = 0.1
+    for seed in range(12):
+        torch.manual_seed(seed)
+        gbf = build_geomformer_net(small_cfg()).encoder.gbf.double()
+        with torch.no_grad():  # u = (mul_a + mul_b) d = 2 d at init: dpsi/dd = 2 dpsi/du
+            _, slope = torch.func.jvp(lambda d: gbf(d, types), (dist,), (torch.ones_like(dist),))
+        assert float(slope.abs().max()) <= 2 * bound * 1.001, seed
+
+
+def test_untrained_model_predicts_mean_energy_and_zero_forces():
+    """The zero-initialised energy output layer starts training at the 'predict the train mean,
+    zero forces' baseline instead of a sum-over-atoms offset of several target stds."""
+    torch.manual_seed(1)
+    model = build_geomformer_net(small_cfg()).train()
+    z, pos, mask = molecule(torch.float32)
+    out = model(batch_of(z, pos, mask))
+    assert out["energy"].abs().max() == 0 and out["forces"].abs().max() == 0
+    # training still reaches every part of the encoder after one step on the output layer
+    loss = (out["energy"] - 1).abs().sum() + (out["forces"] - 0.5).abs().sum()
+    loss.backward()
+    assert model.energy_head.fc2.weight.grad.abs().sum() > 0
+
+
+def test_configs_without_the_new_fields_keep_the_published_behaviour():
+    """A config saved before ``gbf_std_offset`` / ``energy_head_init`` existed builds the model
+    it was trained with (offset 1e-5, nn.Linear init of the output layer)."""
+    cfg = argparse.Namespace(**{k: v for k, v in vars(tiny_cfg()).items()
+                                if k not in ("gbf_std_offset", "energy_head_init")})
+    torch.manual_seed(0)
+    model = build_geomformer_net(cfg)
+    assert model.encoder.gbf.std_offset == 1e-5
+    assert model.energy_head.fc2.weight.abs().sum() > 0

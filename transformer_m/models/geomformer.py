@@ -13,11 +13,15 @@ from fairseq.utils import safe_getattr
 
 from graphormer_ext.data import keys
 from graphormer_ext.sources.nbody import VEL  # batch key of N-body velocities [B, N, 3]
-from transformer_m.modules.geomformer import EquivariantHead, GeoMFormerEncoder, InvariantHead
+from transformer_m.modules.geomformer import (
+    GEOMFORMER_GBF_STD_OFFSET,
+    LEGACY_GBF_STD_OFFSET,
+    EquivariantHead,
+    GeoMFormerEncoder,
+    InvariantHead,
+)
 
 logger = logging.getLogger(__name__)
-
-
 
 @dataclass
 class GeoMFormerConfig(FairseqDataclass):
@@ -62,6 +66,18 @@ class GeoMFormerConfig(FairseqDataclass):
         default=False,
         metadata={"help": "published eps*diag(1,2,3) regulariser (NOT equivariant; for study only)"},
     )
+    gbf_std_offset: float = field(
+        default=GEOMFORMER_GBF_STD_OFFSET,
+        metadata={"help": "narrowest Gaussian-basis width, sigma_k = |s_k| + offset (units of "
+                  "2 x distance at init). 1e-5 = SFM / Graphormer-3D: near-zero widths make "
+                  "-dE/dR spike (see docs/reproduction.md)"},
+    )
+    energy_head_init: ChoiceEnum(["zero", "default"]) = field(
+        default="zero",
+        metadata={"help": "output layer of the energy head: zero = the untrained model predicts "
+                  "the train mean and zero forces; default = nn.Linear init (a per-atom offset "
+                  "multiplied by the atom count)"},
+    )
     readout: ChoiceEnum(["sum", "mean"]) = field(
         default="sum", metadata={"help": "energy readout over atoms"}
     )
@@ -91,10 +107,10 @@ class GeoMFormerNet(nn.Module):
     """
 
     def __init__(self, encoder: GeoMFormerEncoder, dim: int, head_dropout: float = 0.0,
-                 readout: str = "sum", force_mode: str = "grad"):
+                 readout: str = "sum", force_mode: str = "grad", energy_head_zero_init: bool = False):
         super().__init__()
         self.encoder = encoder
-        self.energy_head = InvariantHead(dim, head_dropout, readout)
+        self.energy_head = InvariantHead(dim, head_dropout, readout, energy_head_zero_init)
         self.vector_head = EquivariantHead(dim)
         self.force_mode = force_mode
         if encoder.use_velocity:
@@ -153,9 +169,12 @@ def build_geomformer_net(cfg) -> GeoMFormerNet:
         eln_iters=cfg.eln_iters,
         eln_shrink=cfg.eln_shrink,
         use_velocity=cfg.use_velocity,
+        # configs saved before these fields existed keep the behaviour they were trained with
+        gbf_std_offset=safe_getattr(cfg, "gbf_std_offset", LEGACY_GBF_STD_OFFSET),
     )
+    zero_head = str(safe_getattr(cfg, "energy_head_init", "default")) == "zero"
     return GeoMFormerNet(encoder, cfg.encoder_embed_dim, cfg.head_dropout, str(cfg.readout),
-                         str(cfg.force_mode))
+                         str(cfg.force_mode), zero_head)
 
 
 @register_model("geomformer", dataclass=GeoMFormerConfig)

@@ -31,6 +31,8 @@ from .transformer_m_layers import GaussianLayer
 
 __all__ = [
     "GEOMFORMER_GBF_STD_OFFSET",
+    "LEGACY_GBF_STD_OFFSET",
+    "BiasFreeLinear",
     "EquCrossAttention",
     "EquFFN",
     "EquSelfAttention",
@@ -47,9 +49,49 @@ __all__ = [
     "pair_geometry",
 ]
 
-GEOMFORMER_GBF_STD_OFFSET = 1e-5  # spec §A2.1 (Transformer-M uses 1e-2)
+# Narrowest Gaussian-basis width (units of u = (gamma_a + gamma_b) d, i.e. 2 d in Å at init).
+# The SFM / Graphormer-3D offset of 1e-5 (spec §A2.1; Transformer-M: 1e-2) lets a kernel drawn
+# with |s| ~ 0.006 (K = 32 widths ~ U(0, 3)) have slopes ~ 1/sigma^2 ~ 1e4: forces -dE/dR then
+# reach hundreds of target stds on the few frames where a distance meets that kernel, and the
+# gradient norm of GeoMFormer-small on aspirin spiked to 1e3-4e4 (issue 11 item 8).
+GEOMFORMER_GBF_STD_OFFSET = 0.1
+LEGACY_GBF_STD_OFFSET = 1e-5  # the published code's value (``--gbf-std-offset 1e-5``)
 UNIT_EPS = 1e-5  # u_ij = r_ij / (|r_ij| + 1e-5), spec §A1
 DIST_SQ_FLOOR = 1e-10  # |r_ii| is evaluated as 1e-5 so that d|r|/dr is finite (value unused)
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear maps
+# ------------------------------------------------------------------------------------------------
+class BiasFreeLinear(nn.Module):
+    """``y = x W^T`` on the last axis: the channel map of the equivariant stream (spec §A1).
+
+    Unlike ``nn.Linear(bias=False)`` it registers no ``bias`` entry at all: fairseq's trainer
+    catalogues parameters by identity and reports every ``None`` entry as one parameter shared
+    across the model ("detected shared parameter ... <- None"). Same weight init and
+    state-dict name (``weight``) as ``nn.Linear``, so seeded models and checkpoints are unchanged.
+
+    Shapes: ``x [..., in_features]`` -> ``[..., out_features]``.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's init
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias=False"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def _linear(in_features: int, out_features: int, bias: bool = True) -> nn.Module:
+    """``nn.Linear`` with a bias, :class:`BiasFreeLinear` without one."""
+    if bias:
+        return nn.Linear(in_features, out_features)
+    return BiasFreeLinear(in_features, out_features)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,11 +168,25 @@ class GeoGaussianLayer(GaussianLayer):
 
     Same pair-type handling (``x = (gamma_a + gamma_b) d + (beta_a + beta_b)``, atom-type
     embeddings summed over the pair, padding index 0) and init; differs only in
-    ``sigma = |s| + 1e-5`` and the exact ``pi``. Computed in float32 or wider (float64 inputs
+    ``sigma = |s| + std_offset`` (see :data:`GEOMFORMER_GBF_STD_OFFSET`) and the exact ``pi``. Computed in float32 or wider (float64 inputs
     stay float64, for exactness tests).
+
+    Args:
+        num_kernels: K.
+        num_edge_types: rows of the per-atom-type ``mul`` / ``bias`` embeddings.
+        std_offset: ``sigma = |s| + std_offset``, the narrowest kernel width (in units of
+            ``u``, i.e. ``2 d`` in Å at init).
 
     Shapes: ``dist [...]``, ``types`` int64 ``[..., 2]`` -> ``[..., K]``.
     """
+
+    def __init__(self, num_kernels: int = 128, num_edge_types: int = 1536,
+                 std_offset: float = GEOMFORMER_GBF_STD_OFFSET) -> None:
+        super().__init__(num_kernels, num_edge_types)
+        self.std_offset = float(std_offset)
+
+    def extra_repr(self) -> str:
+        return f"num_kernels={self.num_kernels}, std_offset={self.std_offset}"
 
     def forward(self, dist: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
         ct = torch.promote_types(dist.dtype, torch.float32)
@@ -138,7 +194,7 @@ class GeoGaussianLayer(GaussianLayer):
         bias = self.bias(types).sum(dim=-2).to(ct)
         u = mul * dist.unsqueeze(-1).to(ct) + bias  # [..., 1]
         mean = self.means.weight.view(-1).to(ct)
-        std = self.stds.weight.view(-1).to(ct).abs() + GEOMFORMER_GBF_STD_OFFSET
+        std = self.stds.weight.view(-1).to(ct).abs() + self.std_offset
         return torch.exp(-0.5 * ((u - mean) / std) ** 2) / (math.sqrt(2 * math.pi) * std)
 
 
@@ -195,11 +251,11 @@ class InvSelfAttention(nn.Module):
         super().__init__()
         self.heads, self.dropout = heads, attention_dropout
         self.scale = (dim // heads) ** -0.5
-        self.q_proj = nn.Linear(dim, dim, bias=bias)
-        self.k_proj = nn.Linear(dim, dim, bias=bias)
-        self.v_proj = nn.Linear(dim, dim, bias=bias)
+        self.q_proj = _linear(dim, dim, bias)
+        self.k_proj = _linear(dim, dim, bias)
+        self.v_proj = _linear(dim, dim, bias)
         self.sub_ln = nn.LayerNorm(dim)
-        self.out_proj = nn.Linear(dim, dim, bias=bias)
+        self.out_proj = _linear(dim, dim, bias)
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
         h = self.heads
@@ -216,11 +272,11 @@ class EquSelfAttention(nn.Module):
         super().__init__()
         self.heads, self.dropout = heads, attention_dropout
         self.scale = (3 * (dim // heads)) ** -0.5
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.q_proj = BiasFreeLinear(dim, dim)
+        self.k_proj = BiasFreeLinear(dim, dim)
+        self.v_proj = BiasFreeLinear(dim, dim)
         self.sub_eln = EquivariantLayerNorm(dim, **eln_kw)
-        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.out_proj = BiasFreeLinear(dim, dim)
 
     def forward(self, vec: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
         h = self.heads
@@ -238,13 +294,13 @@ class InvCrossAttention(nn.Module):
         super().__init__()
         self.heads, self.dropout = heads, attention_dropout
         self.scale = (dim // heads) ** -0.5
-        self.q_proj = nn.Linear(dim, dim, bias=bias)
-        self.k1_proj = nn.Linear(dim, dim, bias=False)
-        self.k2_proj = nn.Linear(dim, dim, bias=False)
-        self.v1_proj = nn.Linear(dim, dim, bias=False)
-        self.v2_proj = nn.Linear(dim, dim, bias=False)
+        self.q_proj = _linear(dim, dim, bias)
+        self.k1_proj = BiasFreeLinear(dim, dim)
+        self.k2_proj = BiasFreeLinear(dim, dim)
+        self.v1_proj = BiasFreeLinear(dim, dim)
+        self.v2_proj = BiasFreeLinear(dim, dim)
         self.sub_ln = nn.LayerNorm(dim)
-        self.out_proj = nn.Linear(dim, dim, bias=bias)
+        self.out_proj = _linear(dim, dim, bias)
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
         h = self.heads
@@ -264,13 +320,13 @@ class EquCrossAttention(nn.Module):
         super().__init__()
         self.heads, self.dropout = heads, attention_dropout
         self.scale = (3 * (dim // heads)) ** -0.5
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k1_proj = nn.Linear(dim, dim, bias=False)  # on vec
-        self.k2_proj = nn.Linear(dim, dim, bias=bias)  # on x
-        self.v1_proj = nn.Linear(dim, dim, bias=False)
-        self.v2_proj = nn.Linear(dim, dim, bias=bias)
+        self.q_proj = BiasFreeLinear(dim, dim)
+        self.k1_proj = BiasFreeLinear(dim, dim)  # on vec
+        self.k2_proj = _linear(dim, dim, bias)  # on x
+        self.v1_proj = BiasFreeLinear(dim, dim)
+        self.v2_proj = _linear(dim, dim, bias)
         self.sub_eln = EquivariantLayerNorm(dim, **eln_kw)
-        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.out_proj = BiasFreeLinear(dim, dim)
 
     def forward(self, vec: torch.Tensor, x: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
         h = self.heads
@@ -289,10 +345,10 @@ class InvFFN(nn.Module):
 
     def __init__(self, dim: int, ffn_dim: int, activation_dropout: float = 0.0, bias: bool = True):
         super().__init__()
-        self.fc1 = nn.Linear(dim, ffn_dim, bias=bias)
+        self.fc1 = _linear(dim, ffn_dim, bias)
         self.act_dropout = activation_dropout
         self.inner_ln = nn.LayerNorm(ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, dim, bias=bias)
+        self.fc2 = _linear(ffn_dim, dim, bias)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         h = F.dropout(F.gelu(self.fc1(y)), p=self.act_dropout, training=self.training)
@@ -305,10 +361,10 @@ class EquFFN(nn.Module):
 
     def __init__(self, dim: int, ffn_dim: int, bias: bool = True, **eln_kw):
         super().__init__()
-        self.fc1 = nn.Linear(dim, ffn_dim, bias=False)
-        self.gate = nn.Linear(dim, ffn_dim, bias=bias)
+        self.fc1 = BiasFreeLinear(dim, ffn_dim)
+        self.gate = _linear(dim, ffn_dim, bias)
         self.inner_eln = EquivariantLayerNorm(ffn_dim, **eln_kw)
-        self.fc2 = nn.Linear(ffn_dim, dim, bias=False)
+        self.fc2 = BiasFreeLinear(ffn_dim, dim)
 
     def forward(self, y_vec: torch.Tensor, y_inv: torch.Tensor) -> torch.Tensor:
         h = self.fc1(y_vec) * F.gelu(self.gate(y_inv)).unsqueeze(-2)
@@ -397,19 +453,19 @@ class GeoMFormerEncoder(nn.Module):
                  bias: bool = True, cross_attn_mode: str = "parallel", vec_init: str = "relative",
                  eln_eps: float = 1e-5, eln_isotropic: bool = True, eln_iters: int = 10,
                  eln_shrink: float = 1.0, use_velocity: bool = False,
-                 geometry_fp64: bool = True):
+                 geometry_fp64: bool = True, gbf_std_offset: float = GEOMFORMER_GBF_STD_OFFSET):
         super().__init__()
         if vec_init not in ("relative", "centered"):
             raise ValueError(f"vec_init must be relative or centered, got {vec_init}")
         self.heads, self.vec_init, self.num_atom_types = heads, vec_init, num_atom_types
         self.atom_emb = nn.Embedding(num_atom_types, dim, padding_idx=0)
-        self.gbf = GeoGaussianLayer(num_kernels, num_atom_types)
+        self.gbf = GeoGaussianLayer(num_kernels, num_atom_types, gbf_std_offset)
         self.bias_proj = nn.Linear(num_kernels, heads)
-        self.centrality_proj = nn.Linear(num_kernels, dim, bias=False)
+        self.centrality_proj = BiasFreeLinear(num_kernels, dim)
         if vec_init == "relative":
-            self.vec_proj = nn.Linear(num_kernels, dim, bias=False)
+            self.vec_proj = BiasFreeLinear(num_kernels, dim)
         else:
-            self.node_gbf = GeoGaussianLayer(num_kernels, num_atom_types)
+            self.node_gbf = GeoGaussianLayer(num_kernels, num_atom_types, gbf_std_offset)
             self.vec_proj = nn.Linear(num_kernels, dim)  # scales r_bar_i: a bias is harmless
         self.geometry_fp64 = bool(geometry_fp64)
         self.use_velocity = bool(use_velocity)
@@ -477,15 +533,25 @@ class GeoMFormerEncoder(nn.Module):
 
 
 class InvariantHead(nn.Module):
-    """Per-atom MLP d -> d -> 1 (GELU, dropout) summed (or averaged) over real atoms -> ``[B]``."""
+    """Per-atom MLP d -> d -> 1 (GELU, dropout) summed (or averaged) over real atoms -> ``[B]``.
 
-    def __init__(self, dim: int, dropout: float = 0.0, readout: str = "sum"):
+    Args:
+        zero_init: start the output layer at zero, so that the untrained model predicts the
+            normalised target's mean (0) and zero forces ``-dE/dR``; otherwise ``nn.Linear``'s
+            init, whose per-atom offset is multiplied by the atom count under ``sum``.
+    """
+
+    def __init__(self, dim: int, dropout: float = 0.0, readout: str = "sum",
+                 zero_init: bool = False):
         super().__init__()
         if readout not in ("sum", "mean"):
             raise ValueError(f"readout must be sum or mean, got {readout}")
         self.readout, self.dropout = readout, dropout
         self.fc1 = nn.Linear(dim, dim)
         self.fc2 = nn.Linear(dim, 1)
+        if zero_init:
+            nn.init.zeros_(self.fc2.weight)
+            nn.init.zeros_(self.fc2.bias)
 
     def atom_scalars(self, x: torch.Tensor) -> torch.Tensor:
         x = F.dropout(x, p=self.dropout, training=self.training)
@@ -505,7 +571,7 @@ class EquivariantHead(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.proj = nn.Linear(dim, 1, bias=False)
+        self.proj = BiasFreeLinear(dim, 1)
 
     def forward(self, vec: torch.Tensor) -> torch.Tensor:
         return self.proj(vec).squeeze(-1)
