@@ -280,6 +280,8 @@ def plot(path: Path, curve_rows: list[dict], base: list[dict], args) -> None:
 def main(argv=None) -> int:
     _runs.setup_logging()
     args = parse_args(argv)
+    args.out = args.out.resolve()  # fairseq runs inside the run directory
+    args.report = args.report.resolve() if args.report else None
     config = {k: getattr(args, k) for k in PROTOCOL_KEYS}
     config.update(max_epoch=args.max_epoch, seeds=args.seeds)
     _runs.check_config(args.out, config, ("max_epoch", "seeds"))
