@@ -152,6 +152,35 @@ def wall_seconds(run_dir: Path, step: str | None = None) -> float:
     return sum(float(r["wall_s"]) for r in rows if step is None or r["step"] == step)
 
 
+def log_wall_seconds(log_path: Path) -> float:
+    """Training wall time in a log that :func:`run_logged` appended to, across resumes.
+
+    fairseq's ``wall`` meter restarts with each process; the log holds one segment per
+    invocation (each opened by a ``# <time> $ <command>`` line). The sum of the last ``wall`` of
+    every segment also counts invocations that were killed (up to their last logged line).
+    """
+    total, last = 0.0, 0.0
+    if not Path(log_path).exists():
+        return total
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            if line.startswith("# ") and " $ " in line:
+                total, last = total + last, 0.0
+                continue
+            m = _LOG_LINE.search(line)
+            if not m:
+                continue
+            try:
+                stats = json.loads(m.group(2))
+            except json.JSONDecodeError:
+                continue
+            tag = m.group(1)
+            wall = stats.get("wall", stats.get(f"{tag}_wall"))
+            if wall is not None:
+                last = float(wall)
+    return total + last
+
+
 def fairseq_records(log_path: Path, tags: Iterable[str]) -> list[dict]:
     """JSON stat lines (``--log-format json``) of ``log_path`` whose logger tag is in ``tags``.
 

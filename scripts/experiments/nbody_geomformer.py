@@ -170,7 +170,9 @@ def summarise(args, run_dir: Path, seed: int, test_validate: float) -> dict:
         "epochs": last_epoch, "max_epoch": args.max_epoch, "stop": reason,
         "best_epoch": best["epoch"], "valid_mse": best["valid_mse"],
         "test_mse_log": best["test_mse"], "test_mse": test_validate,
-        "wall_s": _runs.wall_seconds(run_dir), "commit": _runs.repo_commit(),
+        "wall_s": _runs.log_wall_seconds(run_dir / "train.log")
+        + _runs.wall_seconds(run_dir, "test"),
+        "commit": args.commit,
     }
 
 
@@ -229,7 +231,9 @@ def report(args, data: Path) -> list[dict]:
         res = _runs.read_json(seed_dir / "result.json")
         rows = curves(seed_dir)
         curve_rows += [{"seed": seed, **r} for r in rows]
-        if res is not None:
+        if res is not None:  # wall time from the logs (also counts later, killed extensions)
+            res["wall_s"] = (_runs.log_wall_seconds(seed_dir / "train.log")
+                             + _runs.wall_seconds(seed_dir, "test"))
             results.append(res)
     if results:
         m, s = _runs.mean_std([r["test_mse"] for r in results])
@@ -280,6 +284,7 @@ def plot(path: Path, curve_rows: list[dict], base: list[dict], args) -> None:
 def main(argv=None) -> int:
     _runs.setup_logging()
     args = parse_args(argv)
+    args.commit = _runs.repo_commit()  # the code this invocation trains with
     args.out = args.out.resolve()  # fairseq runs inside the run directory
     args.report = args.report.resolve() if args.report else None
     config = {k: getattr(args, k) for k in PROTOCOL_KEYS}

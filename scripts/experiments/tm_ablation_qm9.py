@@ -78,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup-ratio", type=float, default=0.1,
                    help="linear warm-up share of --max-update (paper: 150k of 1.5M)")
-    p.add_argument("--max-update", type=int, default=3000, help="updates per run")
+    p.add_argument("--max-update", type=int, default=1500, help="updates per run")
     p.add_argument("--validate-interval-updates", type=int, default=300)
     p.add_argument("--report-only", action="store_true")
     return p.parse_args(argv)
@@ -169,7 +169,7 @@ def curves(run_dir: Path) -> list[dict]:
     by = {tag: _runs.last_by([r for r in recs if r["tag"] == tag], "num_updates")
           for tag in ("valid", "test-dev")}
     return [{"num_updates": int(u), "valid_mae": v["loss"],
-             "test_mae": by["test-dev"].get(u, {}).get("loss", math.nan), "wall_s": v.get("wall")}
+             "test_mae": by["test-dev"].get(u, {}).get("loss", math.nan)}
             for u, v in sorted(by["valid"].items())]
 
 
@@ -200,7 +200,8 @@ def run_one(args, lmdb: Path, cond: str, seed: int) -> dict | None:
                   "max_update": args.max_update, "best_update": best["num_updates"],
                   "valid_mae": best["valid_mae"], "test_mae": best["test_mae"],
                   "final_valid_mae": rows[-1]["valid_mae"], "final_test_mae": rows[-1]["test_mae"],
-                  "wall_s": rows[-1]["wall_s"], "commit": _runs.repo_commit(),
+                  "wall_s": _runs.log_wall_seconds(run_dir / "train.log"),
+                  "commit": args.commit,
                   **{k: v for k, v in CONDITIONS[cond].items() if k != "label"}}
         _runs.write_json(run_dir / "result.json", result)
         _runs.logger.info("%s seed %d: valid %.4f test %.4f eV (best at update %d)", cond, seed,
@@ -219,7 +220,7 @@ RESULT_FIELDS = ["condition", "label", "seed", "mode_prob", "noise_scale", "deno
 SUMMARY_FIELDS = ["condition", "label", "n_seeds", "valid_mae_mean", "valid_mae_std",
                   "test_mae_mean", "test_mae_std", "train_mean_baseline_valid",
                   "train_mean_baseline_test"]
-CURVE_FIELDS = ["condition", "seed", "num_updates", "valid_mae", "test_mae", "wall_s"]
+CURVE_FIELDS = ["condition", "seed", "num_updates", "valid_mae", "test_mae"]
 
 
 def mean_baseline(lmdb: Path) -> dict:
@@ -248,6 +249,7 @@ def report(args, lmdb: Path) -> list[dict]:
             curve_rows += [{"condition": cond, "seed": seed, **r} for r in curves(run_dir)]
             res = _runs.read_json(run_dir / "result.json")
             if res is not None:
+                res["wall_s"] = _runs.log_wall_seconds(run_dir / "train.log")
                 results.append(res)
     base = mean_baseline(lmdb)
     summary = []
@@ -315,6 +317,7 @@ def plot(path: Path, curve_rows: list[dict], results: list[dict], base: dict) ->
 def main(argv=None) -> int:
     _runs.setup_logging()
     args = parse_args(argv)
+    args.commit = _runs.repo_commit()  # the code this invocation trains with
     args.out = args.out.resolve()  # fairseq runs inside the run directory
     args.report = args.report.resolve() if args.report else None
     config = {k: getattr(args, k) for k in PROTOCOL_KEYS}
