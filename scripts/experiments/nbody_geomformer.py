@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--validate-interval", type=int, default=5, help="epochs between validations")
     p.add_argument("--patience", type=int, default=20,
                    help="stop after this many validations without a better valid MSE")
+    p.add_argument("--table-epochs", type=int, default=0,
+                   help="epoch budget at which the seeds are compared in the table (default: the "
+                   "smallest finished --max-epoch)")
     p.add_argument("--report-only", action="store_true",
                    help="only rebuild the CSVs and the plot from existing runs")
     return p.parse_args(argv)
@@ -215,37 +218,74 @@ def run_seed(args, data: Path, seed: int) -> dict | None:
 # ------------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------------
-RESULT_FIELDS = ["model", "source", "seed", "epochs", "max_epoch", "stop", "best_epoch",
-                 "valid_mse", "valid_mse_std", "test_mse", "test_mse_std", "test_mse_log",
-                 "wall_s", "commit"]
+RESULT_FIELDS = ["model", "source", "seed", "epochs", "stop", "best_epoch", "valid_mse",
+                 "valid_mse_std", "test_mse", "test_mse_std", "test_mse_validate", "wall_s",
+                 "commit"]
 CURVE_FIELDS = ["seed", "epoch", "num_updates", "train_mse", "valid_mse", "test_mse", "wall_s"]
 
 
+def best_within(rows: list[dict], max_epoch: float) -> dict | None:
+    """Validation row with the lowest valid MSE among epochs <= ``max_epoch`` (earliest on ties)."""
+    rows = [r for r in rows if r["epoch"] <= max_epoch]
+    return min(rows, key=lambda r: (r["valid_mse"], r["epoch"])) if rows else None
+
+
 def report(args, data: Path) -> list[dict]:
+    """CSVs and plot. Seeds are compared at one epoch budget (``--table-epochs``, default the
+    smallest finished budget): best valid epoch within it and the test MSE logged there (the
+    in-training evaluation of the full test split). ``test_mse_validate`` is fairseq-validate
+    of ``checkpoint_best.pt`` when that checkpoint belongs to the budget. A seed trained beyond the
+    budget also gets a row over all its logged epochs (the longest run)."""
     out = args.report or args.out
     out.mkdir(parents=True, exist_ok=True)
     base = baselines(data)
-    results, curve_rows = [], []
+    finished, curve_rows, logged = {}, [], {}
     for seed_dir in sorted((args.out / "runs").glob("seed*")):
         seed = int(seed_dir.name[4:])
-        res = _runs.read_json(seed_dir / "result.json")
         rows = curves(seed_dir)
         curve_rows += [{"seed": seed, **r} for r in rows]
-        if res is not None:  # wall time from the logs (also counts later, killed extensions)
-            res["wall_s"] = (_runs.log_wall_seconds(seed_dir / "train.log")
-                             + _runs.wall_seconds(seed_dir, "test"))
-            results.append(res)
-    if results:
-        m, s = _runs.mean_std([r["test_mse"] for r in results])
-        vm, vs = _runs.mean_std([r["valid_mse"] for r in results])
-        results.append({"model": f"GeoMFormer (ours), mean +- std of {len(results)} seeds",
-                        "source": "trained", "seed": "mean", "valid_mse": vm, "test_mse": m,
-                        "valid_mse_std": vs, "test_mse_std": s})
+        logged[seed] = (seed_dir, rows)
+        res = _runs.read_json(seed_dir / "result.json")
+        if res is not None:
+            finished[seed] = res
+    budget = args.table_epochs or min((r["max_epoch"] for r in finished.values()), default=0)
+    table, longest = [], []
+    for seed, (seed_dir, rows) in logged.items():
+        res = finished.get(seed)
+        wall = _runs.log_wall_seconds(seed_dir / "train.log")
+        best = best_within(rows, budget)
+        if res is None or best is None or max(r["epoch"] for r in rows) < budget:
+            continue
+        row = {"model": "GeoMFormer (ours)", "source": "trained", "seed": seed,
+               "epochs": budget, "stop": res["stop"] if res["max_epoch"] == budget else
+               "epoch budget", "best_epoch": best["epoch"], "valid_mse": best["valid_mse"],
+               "test_mse": best["test_mse"], "commit": res["commit"],
+               "wall_s": next((r["wall_s"] for r in rows if r["epoch"] == budget), wall)}
+        if res["max_epoch"] == budget:
+            row["test_mse_validate"] = res["test_mse"]
+        table.append(row)
+        last = max(r["epoch"] for r in rows)
+        if last > budget:
+            top = best_within(rows, last)
+            longest.append({"model": f"GeoMFormer (ours), longest run: {last} epochs",
+                            "source": "trained", "seed": seed, "epochs": last,
+                            "stop": res["stop"] if res["max_epoch"] <= last else "interrupted",
+                            "best_epoch": top["epoch"], "valid_mse": top["valid_mse"],
+                            "test_mse": top["test_mse"], "wall_s": wall, "commit": res["commit"],
+                            "test_mse_validate": res["test_mse"] if res["max_epoch"] == last
+                            and res["best_epoch"] == top["epoch"] else math.nan})
+    if table:
+        m, s = _runs.mean_std([r["test_mse"] for r in table])
+        vm, vs = _runs.mean_std([r["valid_mse"] for r in table])
+        table.append({"model": f"GeoMFormer (ours), mean ± std of {len(table)} seeds",
+                      "source": "trained", "seed": "mean", "epochs": budget, "valid_mse": vm,
+                      "test_mse": m, "valid_mse_std": vs, "test_mse_std": s})
     lit = [{"model": k, "source": "literature", "test_mse": v} for k, v in PAPER_MSE.items()]
-    _runs.write_csv(out / "nbody_results.csv", results + base + lit, RESULT_FIELDS)
+    rows = table + longest + base + lit
+    _runs.write_csv(out / "nbody_results.csv", rows, RESULT_FIELDS)
     _runs.write_csv(out / "nbody_curves.csv", curve_rows, CURVE_FIELDS)
     plot(out / "nbody.png", curve_rows, base, args)
-    return results + base + lit
+    return rows
 
 
 def plot(path: Path, curve_rows: list[dict], base: list[dict], args) -> None:
@@ -296,8 +336,8 @@ def main(argv=None) -> int:
             run_seed(args, data, seed)
     rows = report(args, data)
     for r in rows:
-        print(f"{r['model']:<48s} valid {r.get('valid_mse', float('nan')):.5f}  "
-              f"test {r['test_mse']:.5f}")
+        print(f"{r['model']:<48s} seed {r.get('seed', '-')!s:>4}  "
+              f"valid {r.get('valid_mse', math.nan):.5f}  test {r['test_mse']:.5f}")
     return 0
 
 
