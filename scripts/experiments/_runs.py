@@ -152,12 +152,13 @@ def wall_seconds(run_dir: Path, step: str | None = None) -> float:
     return sum(float(r["wall_s"]) for r in rows if step is None or r["step"] == step)
 
 
-def log_wall_seconds(log_path: Path) -> float:
+def log_wall_seconds(log_path: Path, upto_epoch: float = math.inf) -> float:
     """Training wall time in a log that :func:`run_logged` appended to, across resumes.
 
     fairseq's ``wall`` meter restarts with each process; the log holds one segment per
     invocation (each opened by a ``# <time> $ <command>`` line). The sum of the last ``wall`` of
     every segment also counts invocations that were killed (up to their last logged line).
+    ``upto_epoch`` ignores lines of later epochs (the time a budget of that many epochs took).
     """
     total, last = 0.0, 0.0
     if not Path(log_path).exists():
@@ -176,7 +177,7 @@ def log_wall_seconds(log_path: Path) -> float:
                 continue
             tag = m.group(1)
             wall = stats.get("wall", stats.get(f"{tag}_wall"))
-            if wall is not None:
+            if wall is not None and float(stats.get("epoch", 0)) <= upto_epoch:
                 last = float(wall)
     return total + last
 

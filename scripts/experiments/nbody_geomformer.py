@@ -260,7 +260,7 @@ def report(args, data: Path) -> list[dict]:
                "epochs": budget, "stop": res["stop"] if res["max_epoch"] == budget else
                "epoch budget", "best_epoch": best["epoch"], "valid_mse": best["valid_mse"],
                "test_mse": best["test_mse"], "commit": res["commit"],
-               "wall_s": next((r["wall_s"] for r in rows if r["epoch"] == budget), wall)}
+               "wall_s": _runs.log_wall_seconds(seed_dir / "train.log", budget)}
         if res["max_epoch"] == budget:
             row["test_mse_validate"] = res["test_mse"]
         table.append(row)

@@ -78,8 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup-ratio", type=float, default=0.1,
                    help="linear warm-up share of --max-update (paper: 150k of 1.5M)")
-    p.add_argument("--max-update", type=int, default=1500, help="updates per run")
-    p.add_argument("--validate-interval-updates", type=int, default=300)
+    p.add_argument("--max-update", type=int, default=800, help="updates per run")
+    p.add_argument("--validate-interval-updates", type=int, default=200)
     p.add_argument("--report-only", action="store_true")
     return p.parse_args(argv)
 
