@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--embed-dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kernels", type=int, default=32)
+    for flag in ("dropout", "attention-dropout", "act-dropout"):
+        p.add_argument(f"--{flag}", type=float, default=None,
+                       help=f"model --{flag} (default: the arch's, 0 for geomformer_small)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--weight-decay", type=float, default=1e-12)
@@ -122,6 +125,7 @@ def train_cmd(args, data: Path, run_dir: Path, seed: int) -> list:
         "--arch", args.arch, "--encoder-layers", args.layers,
         "--encoder-embed-dim", args.embed_dim, "--encoder-ffn-embed-dim", args.embed_dim,
         "--encoder-attention-heads", args.heads, "--num-kernel", args.kernels,
+        *regularisation_flags(args),
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.999)", "--lr", args.lr,
         "--weight-decay", args.weight_decay, "--lr-scheduler", "fixed", "--clip-norm", "0",
         "--batch-size", args.batch_size, "--required-batch-size-multiple", "1",
@@ -131,6 +135,18 @@ def train_cmd(args, data: Path, run_dir: Path, seed: int) -> list:
         "--seed", seed, "--cpu", "--num-workers", "0", "--log-format", "json",
         "--log-interval", "1000",
     ]
+
+
+REGULARISATION = ("dropout", "attention_dropout", "act_dropout")
+
+
+def regularisation_flags(args) -> list:
+    """Dropout flags given on the command line (none: the arch's defaults)."""
+    out = []
+    for key in REGULARISATION:
+        if getattr(args, key) is not None:
+            out += ["--" + key.replace("_", "-"), getattr(args, key)]
+    return out
 
 
 def validate_cmd(args, data: Path, run_dir: Path) -> list:
@@ -314,7 +330,7 @@ def plot(path: Path, curve_rows: list[dict], base: list[dict], args) -> None:
     ax.set_ylabel("MSE of positions after 1,000 steps")
     ax.set_title("GeoMFormer on charged 5-body (EGNN protocol)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.subplots_adjust(right=0.68)
     fig.savefig(path, dpi=110)
@@ -328,6 +344,7 @@ def main(argv=None) -> int:
     args.out = args.out.resolve()  # fairseq runs inside the run directory
     args.report = args.report.resolve() if args.report else None
     config = {k: getattr(args, k) for k in PROTOCOL_KEYS}
+    config.update({k: getattr(args, k) for k in REGULARISATION if getattr(args, k) is not None})
     config.update(max_epoch=args.max_epoch, seeds=args.seeds)
     _runs.check_config(args.out, config, ("max_epoch", "seeds"))
     data = ensure_data(args)
