@@ -270,8 +270,8 @@ def check_config(out: Path, config: dict, resumable_keys: Sequence[str]) -> None
     path = Path(out) / "config.json"
     old = read_json(path)
     if old is not None:
-        diff = {k: (old.get(k), v) for k, v in config.items()
-                if k not in resumable_keys and old.get(k) != v}
+        diff = {k: (old.get(k), config.get(k)) for k in set(old) | set(config)
+                if k not in resumable_keys and old.get(k) != config.get(k)}
         if diff:
             raise SystemExit(f"{out} holds a study with other settings {diff} (stored, given): "
                              f"use another --out, or the stored settings")
