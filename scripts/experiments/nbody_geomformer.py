@@ -285,7 +285,7 @@ def report(args, data: Path) -> list[dict]:
             top = best_within(rows, last)
             longest.append({"model": f"GeoMFormer (ours), longest run: {last} epochs",
                             "source": "trained", "seed": seed, "epochs": last,
-                            "stop": res["stop"] if res["max_epoch"] <= last else "interrupted",
+                            "stop": res["stop"] if res["max_epoch"] == last else "interrupted",
                             "best_epoch": top["epoch"], "valid_mse": top["valid_mse"],
                             "test_mse": top["test_mse"], "wall_s": wall, "commit": res["commit"],
                             "test_mse_validate": res["test_mse"] if res["max_epoch"] == last
@@ -310,7 +310,7 @@ def plot(path: Path, curve_rows: list[dict], base: list[dict], args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    fig, ax = plt.subplots(figsize=(8.5, 5.0))
     seeds = sorted({r["seed"] for r in curve_rows})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, seed in enumerate(seeds):
@@ -320,6 +320,8 @@ def plot(path: Path, curve_rows: list[dict], base: list[dict], args) -> None:
         ax.plot(ep, [r["valid_mse"] for r in rows], color=c, lw=1.2, label=f"seed {seed} valid")
         ax.plot(ep, [r["test_mse"] for r in rows], color=c, lw=1.0, ls="--",
                 label=f"seed {seed} test")
+        ax.plot(ep, [r["train_mse"] for r in rows], color=c, lw=0.8, ls=":",
+                label=f"seed {seed} train (epoch mean)")
     refs = [(b["model"], b["test_mse"]) for b in base] + list(PAPER_MSE.items())[:2]
     for j, (name, val) in enumerate(refs):
         ax.axhline(val, color="0.35", lw=0.8, ls=[":", "-.", "--", "-"][j % 4])
@@ -330,7 +332,7 @@ def plot(path: Path, curve_rows: list[dict], base: list[dict], args) -> None:
     ax.set_ylabel("MSE of positions after 1,000 steps")
     ax.set_title("GeoMFormer on charged 5-body (EGNN protocol)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=6, loc="upper center", ncol=3, framealpha=0.9)
     fig.tight_layout()
     fig.subplots_adjust(right=0.68)
     fig.savefig(path, dpi=110)
