@@ -39,6 +39,7 @@ import torch
 
 __all__ = [
     "SAFE_GLOBALS",
+    "CHECKPOINT_DEFAULT",
     "CheckpointLoadError",
     "fill_config_defaults",
     "install_fairseq_loader",
@@ -213,13 +214,18 @@ def load_checkpoint_file(
         ) from exc
 
 
+CHECKPOINT_DEFAULT = "checkpoint_default"  # dataclass field metadata key, see fill_config_defaults
+
+
 def fill_config_defaults(cfg) -> list[str]:
     """Add the fields a checkpoint's ``cfg.model`` / ``cfg.task`` lack, with today's defaults.
 
     A checkpoint written before a config field existed (``--torch-compile``, ``--no-3d-input``,
     ...) would otherwise fail to build: for the architecture names (``transformer_m_small``)
     fairseq calls only the preset function, which does not merge the dataclass defaults. Only
-    missing keys are added; nothing the checkpoint says is changed.
+    missing keys are added; nothing the checkpoint says is changed. A field whose metadata has
+    ``CHECKPOINT_DEFAULT`` gets that value instead of its default: the behaviour the model had
+    before the field existed (e.g. GeoMFormer's ``gbf_std_offset``, 1e-5 before it became 0.1).
 
     Args:
         cfg: the checkpoint's config (an OmegaConf ``DictConfig``), modified in place.
@@ -247,7 +253,10 @@ def fill_config_defaults(cfg) -> list[str]:
                     continue
                 if isinstance(f.default, str) and f.default.startswith("${"):
                     continue  # an interpolation (II(...)): resolved by fairseq where it applies
-                sub[f.name] = f.default.value if hasattr(f.default, "value") else f.default
+                # a field whose default changed the model's computation names the value that
+                # reproduces the checkpoints written before it existed
+                value = f.metadata.get(CHECKPOINT_DEFAULT, f.default)
+                sub[f.name] = value.value if hasattr(value, "value") else value
                 added.append(f"{section}.{f.name}")
     return added
 

@@ -200,3 +200,22 @@ def test_configs_without_the_new_fields_keep_the_published_behaviour():
     model = build_geomformer_net(cfg)
     assert model.encoder.gbf.std_offset == 1e-5
     assert model.energy_head.fc2.weight.abs().sum() > 0
+
+
+def test_checkpoint_loader_fills_the_published_values_for_old_configs():
+    """The checkpoint loader adds fields missing from an old checkpoint's config; for the two
+    whose default changed the model, it adds the value the checkpoint was trained with."""
+    from omegaconf import OmegaConf
+
+    from transformer_m.checkpoint import fill_config_defaults
+
+    old = OmegaConf.create({"model": {"_name": "geomformer_small", "encoder_layers": 2},
+                            "task": {"_name": "geomformer_md17"}})
+    added = fill_config_defaults(old)
+    assert {"model.gbf_std_offset", "model.energy_head_init", "model.readout"} <= set(added)
+    assert old.model.gbf_std_offset == 1e-5 and old.model.energy_head_init == "default"
+    assert old.model.readout == "sum" and old.model.encoder_layers == 2  # ordinary default; kept
+    new = OmegaConf.create({"model": {"_name": "geomformer_small", "gbf_std_offset": 0.1,
+                                      "energy_head_init": "zero"}})
+    fill_config_defaults(new)
+    assert new.model.gbf_std_offset == 0.1 and new.model.energy_head_init == "zero"

@@ -13,6 +13,7 @@ from fairseq.utils import safe_getattr
 
 from graphormer_ext.data import keys
 from graphormer_ext.sources.nbody import VEL  # batch key of N-body velocities [B, N, 3]
+from transformer_m.checkpoint import CHECKPOINT_DEFAULT
 from transformer_m.modules.geomformer import (
     GEOMFORMER_GBF_STD_OFFSET,
     LEGACY_GBF_STD_OFFSET,
@@ -70,13 +71,15 @@ class GeoMFormerConfig(FairseqDataclass):
         default=GEOMFORMER_GBF_STD_OFFSET,
         metadata={"help": "narrowest Gaussian-basis width, sigma_k = |s_k| + offset (units of "
                   "2 x distance at init). 1e-5 = SFM / Graphormer-3D: near-zero widths make "
-                  "-dE/dR spike (see docs/reproduction.md)"},
+                  "-dE/dR spike (see docs/reproduction.md)",
+                  CHECKPOINT_DEFAULT: LEGACY_GBF_STD_OFFSET},
     )
     energy_head_init: ChoiceEnum(["zero", "default"]) = field(
         default="zero",
         metadata={"help": "output layer of the energy head: zero = the untrained model predicts "
                   "the train mean and zero forces; default = nn.Linear init (a per-atom offset "
-                  "multiplied by the atom count)"},
+                  "multiplied by the atom count)",
+                  CHECKPOINT_DEFAULT: "default"},
     )
     readout: ChoiceEnum(["sum", "mean"]) = field(
         default="sum", metadata={"help": "energy readout over atoms"}
