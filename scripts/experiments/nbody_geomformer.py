@@ -283,12 +283,15 @@ def report(args, data: Path) -> list[dict]:
         last = max(r["epoch"] for r in rows)
         if last > budget:
             top = best_within(rows, last)
+            # finished here: its budget reached, or stopped early at this epoch (patience)
+            finished_here = res["max_epoch"] == last or (
+                str(res["stop"]).startswith("early stop") and res.get("epochs") == last)
             longest.append({"model": f"GeoMFormer (ours), longest run: {last} epochs",
                             "source": "trained", "seed": seed, "epochs": last,
-                            "stop": res["stop"] if res["max_epoch"] == last else "interrupted",
+                            "stop": res["stop"] if finished_here else "interrupted",
                             "best_epoch": top["epoch"], "valid_mse": top["valid_mse"],
                             "test_mse": top["test_mse"], "wall_s": wall, "commit": res["commit"],
-                            "test_mse_validate": res["test_mse"] if res["max_epoch"] == last
+                            "test_mse_validate": res["test_mse"] if finished_here
                             and res["best_epoch"] == top["epoch"] else math.nan})
     if table:
         m, s = _runs.mean_std([r["test_mse"] for r in table])

@@ -80,6 +80,20 @@ def test_nbody_study_resumes_and_reports(tmp_path):
     rows = _rows(out / "nbody_results.csv")
     assert [(r["model"], r["epochs"]) for r in rows if r["seed"] == "1"] == [
         ("GeoMFormer (ours)", "1"), ("GeoMFormer (ours), longest run: 2 epochs", "2")]
+    longest = next(r for r in rows if r["model"].startswith("GeoMFormer (ours), longest"))
+    assert longest["stop"] == "epoch budget" and longest["test_mse_validate"]
+    # a run stopped early (patience) before its budget is reported as such, not "interrupted"
+    result = out / "runs" / "seed1" / "result.json"
+    res = json.loads(result.read_text())
+    result.write_text(json.dumps(dict(res, max_epoch=10000, stop="early stop (patience 20)")))
+    _ok(_run("nbody_geomformer.py", ["--out", out, "--seeds", 1, "--max-epoch", 2, *NBODY_TINY,
+                                     "--report-only", "--table-epochs", 1], tmp_path))
+    longest = next(r for r in _rows(out / "nbody_results.csv")
+                   if r["model"].startswith("GeoMFormer (ours), longest"))
+    assert longest["stop"] == "early stop (patience 20)"
+    assert float(longest["test_mse_validate"]) == pytest.approx(float(longest["test_mse"]),
+                                                                rel=1e-4)
+    result.write_text(json.dumps(res))
     bad = _run("nbody_geomformer.py", ["--out", out, "--seeds", 1, "--max-epoch", 2,
                                        *NBODY_TINY[:-2], "--batch-size", 8], tmp_path)
     assert bad.returncode != 0 and "other settings" in bad.stderr
