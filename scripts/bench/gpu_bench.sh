@@ -10,6 +10,10 @@
 #           flags and the new ones, fast and reference paths, bf16 autocast, GeoMFormer and
 #           3D-GSRD; LMDB of 200,000 records in /dev/shm). Extra arguments go to bench_train.py;
 #           PRESET=h200-compile runs the torch.compile configurations instead.
+#           Before it, when pytest can be imported there (carry the wheels of pytest, pluggy,
+#           iniconfig and packaging in WHEELS too), the CUDA tests
+#           (`pytest -m gpu`: fast path vs reference on the device, half precision, fused_adam)
+#           run and their summary goes to gpu_tests.txt; their failure is the exit status.
 # Output  : OUT (default $OUT of the run tool, else ./runs/gpu_bench): bench_train.txt (the
 #           table), bench_train.json (all figures), logs/ (each fairseq-train's log).
 # Time    : about 4-5 minutes (set-up ~40 s, data ~30 s, benchmark ~3 min).
@@ -44,9 +48,16 @@ fi
     | tee -a "$OUT/gpu.txt"
 
 status=0
+if "$PYTHON" -c 'import pytest' 2>/dev/null; then
+    "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu -rs tests/transformer_m 2>&1 \
+        | tail -n 40 | tee "$OUT/gpu_tests.txt" || true
+    grep -qE '(failed|error)' "$OUT/gpu_tests.txt" && status=1
+else
+    echo "pytest is not installed here: CUDA tests not run (see the header)" | tee "$OUT/gpu_tests.txt"
+fi
 "$PYTHON" scripts/bench/bench_train.py --preset "${PRESET:-h200}" --lmdb-dir "$SHM/tm_bench_lmdb" \
     --work-dir "$SHM/tm_bench_runs" --json "$OUT/bench_train.json" \
     --time-budget "${TIME_BUDGET:-330}" "$@" \
-    2>&1 | tee "$OUT/bench_train.txt" || status=$?
+    2>&1 | tee "$OUT/bench_train.txt" || status=$((status ? status : 1))
 cp "$SHM"/tm_bench_runs/*.log "$OUT/logs/" 2>/dev/null || true
 exit "$status"

@@ -85,6 +85,9 @@ def test_gpu_bench_script_with_the_ci_preset(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (tmp_path / "out" / "bench_train.txt").read_text()
     assert "e2e/ceil" in table and "fast/ref" in table
+    # the CUDA tests ran first (pytest is importable here): all skipped without a device
+    gpu_tests = (tmp_path / "out" / "gpu_tests.txt").read_text()
+    assert "needs a CUDA device" in gpu_tests and "failed" not in gpu_tests
     assert sorted(p.name for p in (tmp_path / "out" / "logs").iterdir()) == ["fast.log", "ref.log"]
     result = json.loads((tmp_path / "out" / "bench_train.json").read_text())
     assert result["data"]["records"] == 300 and result["data"]["unique_molecules"] == 4890

@@ -222,3 +222,39 @@ def test_fast_model_equals_reference_in_float64(scenario):
         assert (got is None) == (want is None), name
         if want is not None:
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scenario", ["out_train_modes", "out_mixed"])
+def test_fast_model_equals_reference_on_cuda(scenario):
+    """The same comparison on a CUDA device in float32: the fused layers' hand-written backward
+    passes and the packed denoising head run there as on the CPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from golden_fixture import golden
+    from tm_modules_testutils import atom_mask, build_small, scenario_batch, token_mask
+
+    dev = torch.device("cuda")
+    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in scenario_batch(scenario).items()}
+    choice = torch.tensor(golden()["out_train_modes"]["mode_choice"], device=dev)
+    tokens, atoms = token_mask(batch), atom_mask(batch)
+    runs = {}
+    for implementation in ("fast", "reference"):
+        model = build_small(implementation).to(dev).train()
+        logits, atom_output, _ = model(batch, mode_choice=choice)
+        g = torch.Generator().manual_seed(0)
+        w_logits = torch.randn(logits.shape, generator=g).to(dev) * tokens[..., None]
+        w_atoms = torch.randn(atom_output.shape, generator=g).to(dev)
+        loss = (logits.float() * w_logits).sum() + (atom_output.float() * w_atoms
+                                                     * atoms[..., None]).sum()
+        loss.backward()
+        grads = {k: p.grad for k, p in model.named_parameters()}
+        runs[implementation] = (logits[tokens], atom_output[atoms], grads)
+    fast, ref = runs["fast"], runs["reference"]
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast[1], ref[1], rtol=1e-4, atol=1e-4)
+    for name, want in ref[2].items():
+        got = fast[2][name]
+        assert (got is None) == (want is None), name
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4, msg=name)
