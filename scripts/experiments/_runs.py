@@ -51,6 +51,15 @@ def repo_commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
+def resolve_study_args(args):
+    """The fix-ups every study makes to its parsed arguments: the commit it trains with, and
+    ``--out`` / ``--report`` as absolute paths (fairseq runs inside the run directory)."""
+    args.commit = repo_commit()
+    args.out = args.out.resolve()
+    args.report = args.report.resolve() if args.report else None
+    return args
+
+
 def child_env(threads: int = 1) -> dict:
     """Environment of the training processes: this checkout first on ``PYTHONPATH`` and a
     fixed thread count (one per run; two runs share a 2-core machine)."""

@@ -231,10 +231,7 @@ def plot(path: Path, train_rows, valid_rows, base) -> None:
 
 def main(argv=None) -> int:
     _runs.setup_logging()
-    args = parse_args(argv)
-    args.commit = _runs.repo_commit()  # the code this invocation trains with
-    args.out = args.out.resolve()
-    args.report = args.report.resolve() if args.report else None
+    args = _runs.resolve_study_args(parse_args(argv))
     args.npz = args.npz.resolve() if args.npz else None
     config = {k: getattr(args, k) for k in ("frames", "train", "valid", "seed", "max_update",
                                             "validate_interval_updates", "arch", "model_args")}

@@ -344,10 +344,7 @@ def plot(path: Path, curve_rows: list[dict], base: list[dict], args) -> None:
 
 def main(argv=None) -> int:
     _runs.setup_logging()
-    args = parse_args(argv)
-    args.commit = _runs.repo_commit()  # the code this invocation trains with
-    args.out = args.out.resolve()  # fairseq runs inside the run directory
-    args.report = args.report.resolve() if args.report else None
+    args = _runs.resolve_study_args(parse_args(argv))
     config = {k: getattr(args, k) for k in PROTOCOL_KEYS}
     config.update({k: getattr(args, k) for k in REGULARISATION if getattr(args, k) is not None})
     config.update(max_epoch=args.max_epoch, seeds=args.seeds)
