@@ -102,3 +102,21 @@ def test_gpu_bench_script_with_the_ci_preset(tmp_path):
     # the fast path's forward, loss and backward read nothing back from the device
     assert rows["fast"]["syncs_model"] == {}
     assert result["ratios"]["fast/ref"] > 0
+
+
+def test_geomformer_and_gsrd_rows_count_no_host_reads_in_model_and_loss(tmp_path):
+    """The README's GPU section: in model + loss, 3D-GSRD reads nothing back from the device and
+    GeoMFormer only its atom-type range check, which reads the maximum on a CPU (on CUDA it is an
+    asynchronous assert)."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_train.py"), "--preset", "ci", "--configs",
+         "geomformer,gsrd", "--device", "cpu", "--lmdb-dir", str(tmp_path / "lmdb"),
+         "--work-dir", str(tmp_path / "runs"), "--json", str(out)],
+        capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["geomformer"]["error"] is None and rows["gsrd"]["error"] is None
+    assert rows["gsrd"]["syncs_model"] == {}
+    assert rows["geomformer"]["syncs_model"] == {"_local_scalar_dense": 1}
